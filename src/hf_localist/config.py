@@ -1,0 +1,335 @@
+"""`LocalistConfig`: every setting of the localist plugin, typed, validated, with help text per field.
+
+The config is a dataclass. Every field carries its help text in ``metadata["help"]`` (so ``HfArgumentParser``
+can build a command line from it) and is validated on construction *and* on every later assignment, so
+``cfg.alpha = 2`` raises at once, naming the field. It saves as ``localist_config.json`` (atomically),
+loads from such a file, from a model's ``config.json`` that carries a ``localist`` entry, or from any model
+directory / Hub id (then it builds defaults for that architecture), and pushes to the Hub through
+transformers' ``PushToHubMixin``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers.utils import PushToHubMixin
+
+from .errors import LocalistConfigError, LocalistLoadError
+from .utils import atomic_write_text
+
+LOCALIST_CONFIG_NAME = "localist_config.json"
+#: Attribute of a model's ``PreTrainedConfig`` that carries the localist settings (saved in ``config.json``).
+MODEL_CONFIG_KEY = "localist"
+
+SCHEDULES = ("uniform", "progressive")
+BACKENDS = ("auto", "dense", "segment", "flex")
+BLOCK_ASSIGNMENTS = ("segment", "explicit")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class LocalistConfig(PushToHubMixin):
+    """Settings of localist attention (see DESIGN.md sections 1-3).
+
+    Example::
+
+        cfg = LocalistConfig(alpha=0.8, schedule="progressive", schedule_power=3, first_local_layer=2)
+        handle = apply_localist(model, cfg)
+    """
+
+    alpha: float = field(
+        default=1.0,
+        metadata=_help(
+            "The locality dial in [0, 1]. 0 = the unmodified (distributed) model; 1 = fully localist (hard block "
+            "mask). A query in block b >= 1 gets log(1 - alpha_l) added to its logits on keys of other blocks."
+        ),
+    )
+    schedule: str = field(
+        default="uniform",
+        metadata=_help(
+            "Per-layer dial alpha_l = alpha * s(l). 'uniform': s = 1 on every layer >= first_local_layer. "
+            "'progressive': s = ((l - l0 + 1) / (L - l0)) ** schedule_power for l >= l0, else 0."
+        ),
+    )
+    schedule_power: float = field(
+        default=3.0, metadata=_help("The exponent beta of the progressive schedule (> 0; the papers use 1, 3, 5).")
+    )
+    first_local_layer: int = field(
+        default=0, metadata=_help("l0: the first localised layer (0-based). Layers before it are never biased.")
+    )
+    backend: str = field(
+        default="auto",
+        metadata=_help(
+            "'dense' (reference, additive float mask; returns attention weights), 'segment' (hard mode, block-sparse "
+            "work, trainable on CPU and GPU), 'flex' (hard mode with flex_attention: CUDA, or CPU without grad), "
+            "'auto' (sdpa pass-through where alpha_l = 0, segment/flex for hard layers, dense for soft layers)."
+        ),
+    )
+    block_assignment: str = field(
+        default="segment",
+        metadata=_help(
+            "'segment': block ids come from anchor tokens <blk_NAME> in input_ids (<blk_general> returns to block 0); "
+            "'explicit': pass block_ids of shape (batch, seq) to forward."
+        ),
+    )
+    max_blocks: int = field(
+        default=16, metadata=_help("Number of block slots 1..max_blocks (block 0 is the general block).")
+    )
+    beta_anchor: float = field(
+        default=0.0,
+        metadata=_help("Anchor bonus: alpha_l * beta_anchor is added to the logits of the query's own anchors (>= 0)."),
+    )
+    block_names: list[str] = field(
+        default_factory=list, metadata=_help("Names of blocks 1..n, in order (set by add_block_tokens).")
+    )
+    anchor_token_ids: list[int] = field(
+        default_factory=list,
+        metadata=_help("Token id of the anchor <blk_NAME> of block i+1, for segment assignment (set by add_block_tokens)."),
+    )
+    general_token_id: int | None = field(
+        default=None, metadata=_help("Token id of <blk_general>, which returns to block 0 (segment assignment).")
+    )
+    flex_compile: bool = field(
+        default=True,
+        metadata=_help("Compile flex_attention with torch.compile (fast kernel; the first call takes seconds)."),
+    )
+    model_type: str | None = field(
+        default=None, metadata=_help("model_type of the model this config was built for (filled by apply_localist).")
+    )
+    num_layers: int | None = field(
+        default=None, metadata=_help("Number of attention layers of that model (filled by apply_localist).")
+    )
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        self._initialised = True
+        for f in dataclasses.fields(self):
+            self._validate_field(f.name, getattr(self, f.name))
+        self._validate_consistency()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_initialised", False) and name in self._field_names():
+            value = self._validate_field(name, value)
+            object.__setattr__(self, name, value)
+            self._validate_consistency()
+            return
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def _field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def _validate_field(self, name: str, value: Any) -> Any:
+        def bad(why: str) -> LocalistConfigError:
+            return LocalistConfigError(f"LocalistConfig.{name}={value!r} is invalid: {why}")
+
+        if name == "alpha" or name == "beta_anchor" or name == "schedule_power":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad("expected a finite number")
+            if name == "alpha" and not 0.0 <= value <= 1.0:
+                raise bad("the dial must lie in [0, 1] (0 = unmodified model, 1 = hard block mask)")
+            if name == "beta_anchor" and value < 0:
+                raise bad("the anchor bonus must be >= 0")
+            if name == "schedule_power" and value <= 0:
+                raise bad("the progressive schedule exponent must be > 0 (the papers use 1, 3 or 5)")
+            object.__setattr__(self, name, float(value))
+            return float(value)
+        choices = {"schedule": SCHEDULES, "backend": BACKENDS, "block_assignment": BLOCK_ASSIGNMENTS}
+        if name in choices:
+            if value not in choices[name]:
+                raise bad(f"choose one of {list(choices[name])}")
+            return value
+        if name in ("first_local_layer", "max_blocks", "num_layers", "general_token_id"):
+            if value is None and name in ("num_layers", "general_token_id"):
+                return value
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad("expected an integer")
+            if name == "max_blocks" and value < 1:
+                raise bad("need at least one block slot")
+            if value < 0:
+                raise bad("must be >= 0")
+            return value
+        if name == "block_names":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise bad("expected a list of non-empty strings")
+            if len(set(value)) != len(value):
+                raise bad("block names must be unique")
+            object.__setattr__(self, name, list(value))
+            return list(value)
+        if name == "anchor_token_ids":
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+            ):
+                raise bad("expected a list of non-negative token ids")
+            object.__setattr__(self, name, list(value))
+            return list(value)
+        if name == "flex_compile":
+            if not isinstance(value, bool):
+                raise bad("expected true or false")
+            return value
+        if name == "model_type":
+            if value is not None and not isinstance(value, str):
+                raise bad("expected a string")
+            return value
+        return value
+
+    def _validate_consistency(self) -> None:
+        if len(self.anchor_token_ids) > self.max_blocks:
+            raise LocalistConfigError(
+                f"LocalistConfig.anchor_token_ids has {len(self.anchor_token_ids)} anchors but max_blocks="
+                f"{self.max_blocks}: raise max_blocks or use fewer blocks"
+            )
+        if self.block_names and len(self.block_names) != len(self.anchor_token_ids) and self.anchor_token_ids:
+            raise LocalistConfigError(
+                f"LocalistConfig.block_names has {len(self.block_names)} names but anchor_token_ids has "
+                f"{len(self.anchor_token_ids)} ids: they must pair up (use add_block_tokens to set both)"
+            )
+        if len(self.block_names) > self.max_blocks:
+            raise LocalistConfigError(
+                f"LocalistConfig.block_names has {len(self.block_names)} blocks but max_blocks={self.max_blocks}"
+            )
+        if self.general_token_id is not None and self.general_token_id in self.anchor_token_ids:
+            raise LocalistConfigError(
+                f"LocalistConfig.general_token_id={self.general_token_id} is also an anchor token id"
+            )
+        if self.num_layers is not None and self.first_local_layer >= self.num_layers:
+            raise LocalistConfigError(
+                f"LocalistConfig.first_local_layer={self.first_local_layer} is not below the model's "
+                f"{self.num_layers} layers: choose a layer in [0, {self.num_layers - 1}]"
+            )
+
+    # ------------------------------------------------------------------ schedule
+    def layer_alpha(self, layer: int, num_layers: int | None = None) -> float:
+        """The dial of layer ``layer``: ``alpha_l = alpha * s(l)`` (DESIGN.md section 1)."""
+        num_layers = num_layers if num_layers is not None else self.num_layers
+        l0 = self.first_local_layer
+        if layer < l0:
+            return 0.0
+        if self.schedule == "uniform" or num_layers is None:
+            return self.alpha
+        # s(l) = ((l - l0 + 1) / (L - l0)) ** beta, so s(L - 1) = 1 and s grows towards the last layer.
+        return self.alpha * ((layer - l0 + 1) / (num_layers - l0)) ** self.schedule_power
+
+    def layer_alphas(self, num_layers: int | None = None) -> list[float]:
+        n = num_layers if num_layers is not None else self.num_layers
+        if n is None:
+            raise LocalistConfigError("LocalistConfig.num_layers is unset: pass num_layers or apply to a model first")
+        return [self.layer_alpha(layer, n) for layer in range(n)]
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> LocalistConfig:
+        if not isinstance(data, dict):
+            raise LocalistLoadError(f"a localist config must be a JSON object, got {type(data).__name__}")
+        merged = {**data, **overrides}
+        unknown = sorted(set(merged) - cls._field_names())
+        if unknown:
+            raise LocalistConfigError(
+                f"unknown LocalistConfig field(s) {unknown}; known fields: {sorted(cls._field_names())}"
+            )
+        return cls(**merged)
+
+    def copy(self, **overrides: Any) -> LocalistConfig:
+        return self.from_dict(self.to_dict(), **overrides)
+
+    def update(self, **fields: Any) -> None:
+        """Change several fields at once, in place, validated together (e.g. block names with their ids)."""
+        new = self.copy(**fields)
+        for k, v in new.to_dict().items():
+            object.__setattr__(self, k, v)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
+        """Write ``localist_config.json`` into ``save_directory`` (atomically); optionally push it to the Hub."""
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise LocalistLoadError(f"save_directory={save_directory!r} is a file: pass a directory")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, LOCALIST_CONFIG_NAME)
+        atomic_write_text(path, self.to_json_string())
+        if push_to_hub:
+            self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))), **{
+                k: v for k, v in kwargs.items() if k in ("commit_message", "private", "token", "revision", "create_pr")
+            })
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> LocalistConfig:
+        """Load a localist config.
+
+        ``path_or_id`` may be a directory or Hub id holding ``localist_config.json``; a model directory / Hub id
+        whose ``config.json`` carries a ``localist`` entry (a model saved after ``apply_localist``); or any
+        model directory / Hub id with a ``config.json``, for which defaults for that architecture are built
+        (the architecture must be supported). Keyword arguments override fields.
+        """
+        from transformers.utils import cached_file
+
+        path_or_id = os.fspath(path_or_id)
+        hub_kwargs = {k: overrides.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in overrides}
+
+        def fetch(name: str) -> str | None:
+            if os.path.isdir(path_or_id):
+                p = os.path.join(path_or_id, name)
+                return p if os.path.isfile(p) else None
+            try:
+                return cached_file(
+                    path_or_id, name, _raise_exceptions_for_missing_entries=False,
+                    _raise_exceptions_for_connection_errors=False, **hub_kwargs,
+                )
+            except OSError:
+                return None
+
+        if os.path.isfile(path_or_id):
+            return cls.from_dict(_read_json(path_or_id), **overrides)
+        local = fetch(LOCALIST_CONFIG_NAME)
+        if local is not None:
+            return cls.from_dict(_read_json(local), **overrides)
+        model_cfg = fetch("config.json")
+        if model_cfg is None:
+            raise LocalistLoadError(
+                f"no {LOCALIST_CONFIG_NAME} or config.json found at {path_or_id!r}: pass a directory written by "
+                "LocalistConfig.save_pretrained or save_pretrained of a model, or a Hub id reachable from here"
+            )
+        data = _read_json(model_cfg)
+        if isinstance(data.get(MODEL_CONFIG_KEY), dict):
+            return cls.from_dict(data[MODEL_CONFIG_KEY], **overrides)
+        return cls.for_model_config(data, **overrides)
+
+    @classmethod
+    def for_model_config(cls, model_config: Any, **overrides: Any) -> LocalistConfig:
+        """Defaults for a model config (a ``PreTrainedConfig`` or its dict): checks the architecture is supported."""
+        from .registry import get_arch_spec
+
+        data = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        model_type = data.get("model_type")
+        spec = get_arch_spec(model_type)
+        num_layers = spec.num_layers_from_config(data)
+        return cls.from_dict({"model_type": model_type, "num_layers": num_layers}, **overrides)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as e:
+        raise LocalistLoadError(f"localist config file {path!r} does not exist") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LocalistLoadError(
+            f"{path!r} is not valid JSON ({e}): the file is corrupt; re-save it with LocalistConfig.save_pretrained"
+        ) from e
+    if not isinstance(data, dict):
+        raise LocalistLoadError(f"{path!r} must hold a JSON object, got {type(data).__name__}")
+    return data

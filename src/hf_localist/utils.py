@@ -1,0 +1,38 @@
+"""Small shared helpers: atomic file writes and directory replacement."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def move_tree_contents(src: str, dst: str) -> None:
+    """Move every entry of ``src`` into ``dst`` with ``os.replace`` (atomic per file), then remove ``src``."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s):
+            if os.path.isdir(d):
+                move_tree_contents(s, d)
+                continue
+            if os.path.exists(d):
+                os.unlink(d)
+        os.replace(s, d)
+    shutil.rmtree(src, ignore_errors=True)
