@@ -48,6 +48,12 @@ class LocalistState:
     ctx: CallContext | None = None
     recorder: DiagnosticsRecorder | None = None
     backend_counts: dict[str, int] = field(default_factory=dict)  # which backend ran, for tests and benchmarks
+    subspaces: torch.Tensor | None = None  # (L, n_active, E, r) calibrated block subspaces (pca)
+    lambda_threshold: torch.Tensor | None = None  # (L, H, n_active) from estimate_constants(...).threshold()
+    last_prox: Any = None  # ProxStats of the latest proximal step
+    # Callables probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out) run after each
+    # localised attention call (calibration of the theory's constants); they force the non-pass-through path.
+    probes: list = field(default_factory=list)
 
     def layer_alpha(self, layer: int) -> float:
         return self.config.layer_alpha(layer, self.num_layers)
@@ -126,7 +132,7 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     alpha_l = state.layer_alpha(layer)
     recorder = state.recorder
     want_weights = bool(kwargs.get("output_attentions", False))
-    need_weights = want_weights or recorder is not None
+    need_weights = want_weights or recorder is not None or bool(state.probes)
     if alpha_l == 0.0 and not need_weights:
         state.backend_counts["passthrough"] = state.backend_counts.get("passthrough", 0) + 1
         fn = _passthrough_fn(state, module)
@@ -160,6 +166,8 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile)
     out, weights = dense_attention(query, key, value, attention_mask, layout, alpha_l, beta, scaling, dropout,
                                    need_weights=need_weights, softcap=kwargs.get("softcap"))
+    for probe in state.probes:
+        probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out)
     if recorder is not None:
         total = ctx.block_ids.shape[1]
         recorder.record(layer, weights, layout.q_blocks, ctx.target_ids[:, total - q_len:], layout.k_blocks,

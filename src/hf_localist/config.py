@@ -29,6 +29,9 @@ MODEL_CONFIG_KEY = "localist"
 SCHEDULES = ("uniform", "progressive")
 BACKENDS = ("auto", "dense", "segment", "flex")
 BLOCK_ASSIGNMENTS = ("segment", "explicit")
+PENALTIES = ("none", "loss", "prox")
+LAMBDA_MODES = ("fixed", "threshold")
+SUBSPACES = ("coordinate", "pca")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -101,6 +104,44 @@ class LocalistConfig(PushToHubMixin):
         default=True,
         metadata=_help("Compile flex_attention with torch.compile (fast kernel; the first call takes seconds)."),
     )
+    # ---- training-time locality (DESIGN.md section 4)
+    penalty: str = field(
+        default="none",
+        metadata=_help(
+            "Group-lasso penalty on Q/K head slices: 'none', 'loss' (the forward adds localist_loss_coef * penalty "
+            "to outputs.loss in training mode), or 'prox' (LocalistCallback applies the proximal step after each "
+            "optimizer step: exact zeros)."
+        ),
+    )
+    lambda_mode: str = field(
+        default="fixed",
+        metadata=_help("'fixed': lambda = penalty_lambda; 'threshold': lambda = alpha_train * kappa * lambda_threshold "
+                       "per (layer, head, block), from estimate_constants(...).threshold()."),
+    )
+    penalty_lambda: float = field(default=1e-3, metadata=_help("The fixed group-lasso weight lambda (>= 0)."))
+    alpha_train: float = field(
+        default=1.0, metadata=_help("Training-time locality in [0, 1] scaling the threshold lambda (lambda_mode='threshold').")
+    )
+    kappa: float = field(default=1.5, metadata=_help("Safety factor (> 0) on lambda_threshold; the papers suggest 1.5-2."))
+    localist_loss_coef: float = field(
+        default=1.0, metadata=_help("Weight (>= 0) of the penalty added to outputs.loss when penalty='loss'.")
+    )
+    general_head_fraction: float = field(
+        default=0.25, metadata=_help("Fraction in [0, 1) of query heads per layer that stay general (never penalised).")
+    )
+    subspace: str = field(
+        default="coordinate",
+        metadata=_help("Block feature subspaces U_i: 'coordinate' (fixed coordinate groups, for models trained from "
+                       "scratch) or 'pca' (top-r principal directions from calibrate_subspaces, for pretrained models)."),
+    )
+    subspace_rank: int | None = field(
+        default=None, metadata=_help("r, the rank of each block subspace; default hidden_size // (n_active_blocks + 1).")
+    )
+    active_blocks: list[int] | None = field(
+        default=None,
+        metadata=_help("Block slots that are active (have heads and subspaces); default 1..len(block_names), or "
+                       "1..max_blocks when no names are set."),
+    )
     model_type: str | None = field(
         default=None, metadata=_help("model_type of the model this config was built for (filled by apply_localist).")
     )
@@ -131,7 +172,8 @@ class LocalistConfig(PushToHubMixin):
         def bad(why: str) -> LocalistConfigError:
             return LocalistConfigError(f"LocalistConfig.{name}={value!r} is invalid: {why}")
 
-        if name == "alpha" or name == "beta_anchor" or name == "schedule_power":
+        if name in ("alpha", "beta_anchor", "schedule_power", "penalty_lambda", "alpha_train", "kappa",
+                    "localist_loss_coef", "general_head_fraction"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise bad("expected a finite number")
             if name == "alpha" and not 0.0 <= value <= 1.0:
@@ -140,9 +182,18 @@ class LocalistConfig(PushToHubMixin):
                 raise bad("the anchor bonus must be >= 0")
             if name == "schedule_power" and value <= 0:
                 raise bad("the progressive schedule exponent must be > 0 (the papers use 1, 3 or 5)")
+            if name in ("penalty_lambda", "localist_loss_coef") and value < 0:
+                raise bad("must be >= 0")
+            if name == "alpha_train" and not 0.0 <= value <= 1.0:
+                raise bad("must lie in [0, 1]")
+            if name == "kappa" and value <= 0:
+                raise bad("the safety factor must be > 0 (the papers suggest 1.5-2)")
+            if name == "general_head_fraction" and not 0.0 <= value < 1.0:
+                raise bad("must lie in [0, 1): at least one head per layer must take a block")
             object.__setattr__(self, name, float(value))
             return float(value)
-        choices = {"schedule": SCHEDULES, "backend": BACKENDS, "block_assignment": BLOCK_ASSIGNMENTS}
+        choices = {"schedule": SCHEDULES, "backend": BACKENDS, "block_assignment": BLOCK_ASSIGNMENTS,
+                   "penalty": PENALTIES, "lambda_mode": LAMBDA_MODES, "subspace": SUBSPACES}
         if name in choices:
             if value not in choices[name]:
                 raise bad(f"choose one of {list(choices[name])}")
@@ -164,6 +215,21 @@ class LocalistConfig(PushToHubMixin):
                 raise bad("block names must be unique")
             object.__setattr__(self, name, list(value))
             return list(value)
+        if name == "subspace_rank":
+            if value is None:
+                return value
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad("expected a positive integer (or null for the default)")
+            return value
+        if name == "active_blocks":
+            if value is None:
+                return value
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+            ) or len(set(value)) != len(value):
+                raise bad("expected a list of distinct block slots >= 1 (block 0 is the general block)")
+            object.__setattr__(self, name, sorted(value))
+            return sorted(value)
         if name == "anchor_token_ids":
             if not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -200,11 +266,21 @@ class LocalistConfig(PushToHubMixin):
             raise LocalistConfigError(
                 f"LocalistConfig.general_token_id={self.general_token_id} is also an anchor token id"
             )
+        if self.active_blocks is not None and self.active_blocks and max(self.active_blocks) > self.max_blocks:
+            raise LocalistConfigError(
+                f"LocalistConfig.active_blocks={self.active_blocks} has a slot above max_blocks={self.max_blocks}"
+            )
         if self.num_layers is not None and self.first_local_layer >= self.num_layers:
             raise LocalistConfigError(
                 f"LocalistConfig.first_local_layer={self.first_local_layer} is not below the model's "
                 f"{self.num_layers} layers: choose a layer in [0, {self.num_layers - 1}]"
             )
+
+    def active_block_list(self) -> list[int]:
+        """The active block slots: ``active_blocks``, else 1..len(block_names), else 1..max_blocks."""
+        if self.active_blocks is not None:
+            return list(self.active_blocks)
+        return list(range(1, (len(self.block_names) or self.max_blocks) + 1))
 
     # ------------------------------------------------------------------ schedule
     def layer_alpha(self, layer: int, num_layers: int | None = None) -> float:

@@ -187,6 +187,11 @@ def _wrap_forward(base: nn.Module, state: LocalistState):
         bound = signature.bind_partial(*args, **kwargs).arguments
         state.ctx = _call_context(state, bound, block_ids, target_block_ids)
         out = original(*args, **kwargs)
+        if state.config.penalty == "loss" and base.training and torch.is_grad_enabled() \
+                and not isinstance(out, tuple) and getattr(out, "loss", None) is not None:
+            from .penalty import add_penalty_to_output
+
+            add_penalty_to_output(base.localist_handle, out, bound.get("labels"), kwargs.get("num_items_in_batch"))
         cache = getattr(out, "past_key_values", None) if not isinstance(out, tuple) else None
         if cache is None:
             cache = bound.get("past_key_values")

@@ -1,0 +1,181 @@
+"""The group-lasso penalty on Q/K head slices, as a loss term and as a proximal step (DESIGN.md section 4).
+
+    penalty = sum_l sum_h sum_{i != b(h)} lambda_{l,h,i} * ( ||W_Q^(l,h) U_i||_F + ||W_K^(l,kv(h)) U_i||_F )
+
+General heads (b(h) = 0) and layers below ``first_local_layer`` are not penalised. The norm is not squared, which
+is what makes whole groups exactly zero under the proximal step
+
+    W_g <- max(0, 1 - lr * lambda / ||W_g||) * W_g,      with W_g = W U_i  (the group's coordinates),
+
+applied as ``W <- W - (1 - s) (W U_i) U_i^T`` (exact for mutually orthogonal subspaces). A K head read by several
+query heads carries the sum of their lambdas (the same norm appears once per such head in the penalty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LocalistError
+from .qk import head_counts, kv_head_of, qk_head_weights
+from .subspaces import head_blocks, layer_subspaces
+
+
+@dataclass
+class GroupNorms:
+    q: torch.Tensor  # (L, H, n) ||W_Q^(l,h) U_i||_F, differentiable
+    k: torch.Tensor  # (L, H_kv, n)
+
+
+def _head_blocks(handle) -> torch.Tensor:
+    cfg = handle.config
+    h, h_kv, _ = head_counts(handle)
+    return head_blocks(h, h_kv, cfg.active_block_list(), cfg.general_head_fraction)
+
+
+def penalty_weights(handle) -> torch.Tensor:
+    """(L, H, n) lambda_{l,h,i}: 0 for general heads, own blocks and layers below first_local_layer."""
+    cfg = handle.config
+    active = torch.tensor(cfg.active_block_list(), dtype=torch.long)
+    blocks = _head_blocks(handle)  # (H,)
+    mask = (blocks[:, None] != 0) & (blocks[:, None] != active[None, :])  # (H, n)
+    n_layers = len(handle.attention_modules)
+    layer_on = torch.tensor([layer >= cfg.first_local_layer for layer in range(n_layers)])
+    mask = layer_on[:, None, None] & mask[None]  # (L, H, n)
+    if cfg.lambda_mode == "fixed":
+        lam = torch.full(mask.shape, cfg.penalty_lambda)
+    else:
+        thr = getattr(handle.state, "lambda_threshold", None)
+        if thr is None:
+            raise LocalistError(
+                "LocalistConfig.lambda_mode='threshold' needs lambda_threshold per (layer, head, block): run "
+                "report = estimate_constants(model, loader) and handle.set_lambda_threshold(report.threshold())"
+            )
+        if tuple(thr.shape) != tuple(mask.shape):
+            raise LocalistError(f"lambda_threshold has shape {tuple(thr.shape)}, expected (L, H, n)={tuple(mask.shape)}")
+        lam = cfg.alpha_train * cfg.kappa * thr.float().cpu()
+    return torch.where(mask, lam, torch.zeros_like(lam))
+
+
+def _project(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(heads, D, E) x (n, E, r) -> (heads, n, D, r): every head's coordinates in every block subspace."""
+    return torch.einsum("hde,ner->hndr", w, u.to(w.dtype))
+
+
+def group_norms(handle) -> GroupNorms:
+    """Frobenius norms of every (layer, head, block) group of Q and K, differentiable w.r.t. the weights."""
+    subspaces = layer_subspaces(handle)
+    qs, ks = [], []
+    for layer in range(len(handle.attention_modules)):
+        wq, wk = qk_head_weights(handle, layer)
+        u = subspaces[layer].to(wq.device)
+        qs.append(torch.linalg.vector_norm(_project(wq, u), dim=(-2, -1)))
+        ks.append(torch.linalg.vector_norm(_project(wk, u), dim=(-2, -1)))
+    return GroupNorms(q=torch.stack(qs), k=torch.stack(ks))
+
+
+def _k_weights(lam: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """(L, H, n) -> (L, H_kv, n): each K group carries the lambdas of every query head that reads it."""
+    kv = kv_head_of(lam.shape[1], h_kv)
+    out = torch.zeros(lam.shape[0], h_kv, lam.shape[2], dtype=lam.dtype)
+    return out.index_add_(1, kv, lam)
+
+
+def penalty(handle, norms: GroupNorms | None = None) -> torch.Tensor:
+    """The scalar penalty (a differentiable tensor on the weights' device)."""
+    norms = norms if norms is not None else group_norms(handle)
+    lam = penalty_weights(handle)
+    lam_k = _k_weights(lam, norms.k.shape[1])
+    dev = norms.q.device
+    return (lam.to(dev, norms.q.dtype) * norms.q).sum() + (lam_k.to(dev, norms.k.dtype) * norms.k).sum()
+
+
+@dataclass
+class ProxStats:
+    zero_q: torch.Tensor  # (L, H, n) bool: penalised groups that are exactly zero after the step
+    zero_k: torch.Tensor  # (L, H_kv, n) bool
+    penalised_q: torch.Tensor  # (L, H, n) bool
+    penalised_k: torch.Tensor  # (L, H_kv, n) bool
+
+    @property
+    def num_zero(self) -> int:
+        return int(self.zero_q.sum() + self.zero_k.sum())
+
+    @property
+    def num_penalised(self) -> int:
+        return int(self.penalised_q.sum() + self.penalised_k.sum())
+
+
+def _shrink(w: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, lr: float) -> torch.Tensor:
+    """In place: W_g <- max(0, 1 - lr * lam / ||W_g||) W_g for every (head, block); returns the zero mask."""
+    g = _project(w, u)  # (heads, n, D, r)
+    norm = torch.linalg.vector_norm(g, dim=(-2, -1))  # (heads, n)
+    lam = lam.to(w.device, torch.float32)
+    scale = torch.where(lam > 0, torch.clamp(1 - lr * lam / norm.float().clamp_min(1e-30), min=0.0),
+                        torch.ones_like(lam))
+    removed = (1 - scale).to(w.dtype)[..., None, None] * g  # the part of each group the step removes
+    w.sub_(torch.einsum("hndr,ner->hde", removed, u.to(w.dtype)))
+    return (scale == 0) & (lam > 0)
+
+
+@torch.no_grad()
+def prox_step(handle, lr: float) -> ProxStats:
+    """One proximal step with step size ``lr`` (the learning rate the optimizer just used)."""
+    if not lr >= 0:
+        raise LocalistError(f"prox_step: lr={lr!r} must be a number >= 0")
+    lam = penalty_weights(handle)
+    _, h_kv, _ = head_counts(handle)
+    lam_k = _k_weights(lam, h_kv)
+    subspaces = layer_subspaces(handle)
+    zq, zk = [], []
+    for layer in range(len(handle.attention_modules)):
+        wq, wk = qk_head_weights(handle, layer)
+        u = subspaces[layer].to(wq.device)
+        zq.append(_shrink(wq, u, lam[layer], lr))
+        zk.append(_shrink(wk, u, lam_k[layer], lr))
+    stats = ProxStats(zero_q=torch.stack(zq).cpu(), zero_k=torch.stack(zk).cpu(), penalised_q=lam > 0,
+                      penalised_k=lam_k > 0)
+    handle.state.last_prox = stats
+    return stats
+
+
+def kkt_ratios(handle, stats: ProxStats) -> torch.Tensor:
+    """``||grad_g L_data|| / lambda_g`` for every zero group (1-D); KKT holds for a zero group iff ratio <= 1.
+
+    Reads the ``.grad`` of the Q/K weights (call it before the optimizer clears them). ``grad_g = G U_i`` is the
+    gradient with respect to the group's coordinates.
+    """
+    lam = penalty_weights(handle)
+    _, h_kv, _ = head_counts(handle)
+    lam_k = _k_weights(lam, h_kv)
+    subspaces = layer_subspaces(handle)
+    ratios = []
+    for layer in range(len(handle.attention_modules)):
+        gq, gk = qk_head_weights(handle, layer, grad=True)
+        if gq is None:
+            continue
+        u = subspaces[layer].to(gq.device)
+        for g, zero, weight in ((gq, stats.zero_q[layer], lam[layer]), (gk, stats.zero_k[layer], lam_k[layer])):
+            norm = torch.linalg.vector_norm(_project(g, u), dim=(-2, -1)).cpu()
+            ratios.append((norm / weight.clamp_min(1e-30))[zero])
+    return torch.cat(ratios) if ratios else torch.empty(0)
+
+
+def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in_batch) -> None:
+    """Loss mode: ``outputs.loss += coef * penalty * share``; ``outputs.localist_loss = penalty``.
+
+    ``share`` keeps the total right under gradient accumulation. When the Trainer passes ``num_items_in_batch``
+    (token-normalised loss, summed over micro-batches without dividing by the accumulation steps), each micro-batch
+    adds the fraction ``n_micro / num_items_in_batch`` of the penalty, so the micro-batches add up to one penalty.
+    Otherwise the Trainer divides every micro-batch loss by the accumulation steps itself, and share = 1.
+    """
+    cfg = handle.config
+    pen = penalty(handle)
+    share = 1.0
+    if num_items_in_batch is not None and labels is not None:
+        n_micro = (labels[..., 1:] != -100).sum() if labels.dim() > 1 else (labels != -100).sum()
+        total = num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+        share = n_micro.to(pen.device).float() / total
+    out["localist_loss"] = pen.detach()
+    out["loss"] = out["loss"] + cfg.localist_loss_coef * pen * share

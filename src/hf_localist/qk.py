@@ -1,0 +1,73 @@
+"""One accessor for the per-head query/key weights ``W^(l,h)`` of any registered architecture.
+
+``qk_head_weights(handle, layer)`` returns ``(W_Q (H, D, E), W_K (H_kv, D, E))``: for every query head ``h`` the
+``D x E`` matrix that maps the layer input ``x`` (E) to the head's query (``q_h = W_Q[h] @ x``, before any
+q_norm/RoPE), and likewise for key heads. They are *views* of the parameters, so autograd reaches the weights
+through them and in-place writes (the proximal step) change the model. The layout comes from the registry:
+
+- ``linear``      ``weight (H*D, E)``                 -> ``weight.view(H, D, E)``
+- ``conv1d_fused`` GPT-2 ``c_attn.weight (E, 3E)`` (in, out) -> Q = ``weight[:, :H*D].T``, K = ``weight[:, E:E+H_kv*D].T``
+- ``fused_qkv``   rows ``[Q (H*D) | K (H_kv*D) | V]``   -> row slices, then ``view``
+- ``neox_interleaved`` rows grouped ``(H, 3, D)``        -> ``weight.view(H, 3, D, E)[:, 0 / 1]``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .errors import UnsupportedArchitectureError
+
+
+def _weight(module: nn.Module, name: str, grad: bool = False) -> torch.Tensor | None:
+    # peft wraps the projection: the frozen weight lives at base_layer.weight.
+    weight = projection_module(module, name).weight
+    return weight.grad if grad else weight
+
+
+def projection_module(module: nn.Module, name: str) -> nn.Module:
+    proj = getattr(module, name)
+    return getattr(proj, "base_layer", proj)
+
+
+def head_counts(handle) -> tuple[int, int, int]:
+    """(H, H_kv, D) of the patched model, from its config through the registry entry."""
+    cfg = handle.base.config
+    spec = handle.spec
+    return spec.num_heads(cfg), spec.num_kv_heads(cfg), spec.head_dim(cfg)
+
+
+def qk_head_weights(handle, layer: int, grad: bool = False):
+    """(W_Q (H, D, E), W_K (H_kv, D, E)) of attention layer ``layer``, as views of the weights.
+
+    With ``grad=True`` the same views of the weights' ``.grad`` (``(None, None)`` before any backward).
+    """
+    spec = handle.spec
+    module = handle.attention_modules[layer]
+    h, h_kv, d = head_counts(handle)
+    if spec.layout == "linear":
+        wq, wk = _weight(module, spec.q_proj, grad), _weight(module, spec.k_proj, grad)
+        if wq is None or wk is None:
+            return None, None
+        return wq.view(h, d, wq.shape[1]), wk.view(h_kv, d, wk.shape[1])
+    w = _weight(module, spec.q_proj, grad)
+    if w is None:
+        return None, None
+    if spec.layout == "conv1d_fused":
+        e = w.shape[0]  # Conv1D stores (in, out): columns [Q | K | V], each E = H * D wide
+        q = w[:, : h * d].t().view(h, d, e)
+        k = w[:, e: e + h_kv * d].t().view(h_kv, d, e)
+        return q, k
+    if spec.layout == "fused_qkv":
+        e = w.shape[1]
+        return w[: h * d].view(h, d, e), w[h * d: h * d + h_kv * d].view(h_kv, d, e)
+    if spec.layout == "neox_interleaved":
+        e = w.shape[1]
+        per_head = w.view(h, 3, d, e)  # rows grouped per head as [q_h | k_h | v_h]
+        return per_head[:, 0], per_head[:, 1]
+    raise UnsupportedArchitectureError(f"no Q/K layout {spec.layout!r} for model_type={spec.model_type!r}")
+
+
+def kv_head_of(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(H,) the key/value head each query head reads: ``kv(h) = h // (H / H_kv)`` (transformers' repeat_kv)."""
+    return torch.arange(num_heads) // (num_heads // num_kv_heads)

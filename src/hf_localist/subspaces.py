@@ -1,0 +1,171 @@
+"""Head-to-block assignment and block feature subspaces ``U_i`` (DESIGN.md section 4).
+
+- :func:`head_blocks`: each query head of a localised layer gets a block ``b(h)`` (round-robin over the active
+  blocks, by key/value group so that heads sharing a K head share a block), a fraction stays general (0).
+- :func:`coordinate_subspaces`: fixed coordinate groups (models trained from scratch): with rank ``r``, general
+  features are coordinates ``[0, r)`` and the j-th active block owns ``[(j+1) r, (j+2) r)``.
+- :func:`calibrate_subspaces`: for pretrained models, the top-``r`` principal directions of each block's hidden
+  states at the layer input (the input of the Q/K projections), orthogonalised across blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from .errors import LocalistConfigError, LocalistError
+from .qk import projection_module, qk_head_weights
+
+
+def head_blocks(num_heads: int, num_kv_heads: int, active_blocks: list[int], general_fraction: float) -> torch.Tensor:
+    """(H,) block of each query head; 0 = general (never penalised).
+
+    The last ``floor(general_fraction * H)`` heads are general; the others take ``active[g mod n]`` where ``g`` is
+    the head's key/value group (``h // (H / H_kv)``), so every head that reads one K head has the same block.
+    """
+    n_general = math.floor(general_fraction * num_heads)
+    blocks = torch.zeros(num_heads, dtype=torch.long)
+    if not active_blocks:
+        return blocks
+    group = torch.arange(num_heads) // (num_heads // num_kv_heads)
+    n_groups = num_kv_heads
+    # With fewer K groups than blocks, fall back to round-robin per head so every block gets heads.
+    key = group if n_groups >= len(active_blocks) else torch.arange(num_heads)
+    for h in range(num_heads - n_general):
+        blocks[h] = active_blocks[int(key[h]) % len(active_blocks)]
+    return blocks
+
+
+def default_rank(hidden: int, n_active: int, rank: int | None) -> int:
+    r = rank if rank is not None else hidden // (n_active + 1)
+    if r < 1 or r * (n_active + 1) > hidden:
+        raise LocalistConfigError(
+            f"LocalistConfig.subspace_rank={rank!r}: {n_active} block subspaces of rank {r} plus the general group "
+            f"need {r * (n_active + 1)} features but hidden_size is {hidden}; lower subspace_rank or active blocks"
+        )
+    return r
+
+
+def coordinate_subspaces(hidden: int, n_active: int, rank: int | None = None) -> torch.Tensor:
+    """(n_active, E, r) orthonormal bases: block j (0-based among the active ones) owns coordinates (j+1)r..(j+2)r."""
+    r = default_rank(hidden, n_active, rank)
+    eye = torch.eye(hidden)
+    return torch.stack([eye[:, (j + 1) * r: (j + 2) * r] for j in range(n_active)])
+
+
+def orthogonalise(bases: list[torch.Tensor]) -> torch.Tensor:
+    """Make the subspaces mutually orthogonal: each basis loses its components in the earlier ones, then QR."""
+    out: list[torch.Tensor] = []
+    for u in bases:
+        for prev in out:
+            u = u - prev @ (prev.T @ u)
+        q, _ = torch.linalg.qr(u)
+        out.append(q)
+    return torch.stack(out)
+
+
+class LayerInputs:
+    """Collects the input of each layer's Q projection, with the block id of every position."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.chunks: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._hooks = []
+
+    def __enter__(self) -> LayerInputs:
+        spec = self.handle.spec
+        for layer, module in enumerate(self.handle.attention_modules):
+            proj = projection_module(module, spec.q_proj)
+            self._hooks.append(proj.register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def _hook(self, layer: int):
+        def hook(_module, args):
+            x = args[0].detach()  # (B, T, E)
+            ctx = self.handle.state.ctx
+            blocks = ctx.block_ids[:, -x.shape[1]:]
+            valid = ctx.query_valid[:, -x.shape[1]:]
+            self.chunks.setdefault(layer, []).append((x[valid].float().cpu(), blocks[valid].cpu()))
+        return hook
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def by_block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = [c[0] for c in self.chunks.get(layer, [])]
+        bs = [c[1] for c in self.chunks.get(layer, [])]
+        if not xs:
+            raise LocalistError(f"no inputs were recorded at layer {layer}: is the calibration data empty?")
+        return torch.cat(xs), torch.cat(bs)
+
+
+def run_batches(handle, loader: Iterable, max_batches: int | None = None, with_grad: bool = False):
+    """Run the patched model over ``loader`` (dicts of tensors); yields each batch and its output."""
+    model = handle.model
+    device = next(handle.base.parameters()).device
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        if with_grad:
+            yield batch, model(**batch)
+        else:
+            with torch.no_grad():
+                yield batch, model(**batch)
+
+
+def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_batches: int | None = None) -> torch.Tensor:
+    """Top-``r`` principal directions of each active block's layer inputs, orthogonalised; stored on the handle.
+
+    Returns (L, n_active, E, r). Raises :class:`LocalistError` when the data hold no token of an active block.
+    """
+    cfg = handle.config
+    active = cfg.active_block_list()
+    was_training = handle.base.training
+    handle.base.eval()
+    try:
+        with LayerInputs(handle) as rec:
+            for _ in run_batches(handle, loader, max_batches):
+                pass
+    finally:
+        handle.base.train(was_training)
+    per_layer = []
+    for layer in range(len(handle.attention_modules)):
+        x, blocks = rec.by_block(layer)
+        r = default_rank(x.shape[1], len(active), rank if rank is not None else cfg.subspace_rank)
+        bases = []
+        for b in active:
+            xb = x[blocks == b]
+            if xb.shape[0] == 0:
+                raise LocalistError(
+                    f"calibration data hold no token of block {b} (layer {layer}): add examples of that block or "
+                    f"remove it from LocalistConfig.active_blocks={active}"
+                )
+            xb = xb - xb.mean(dim=0, keepdim=True)
+            # Right singular vectors = principal directions of the centred inputs; pad if fewer tokens than r.
+            _, _, vh = torch.linalg.svd(xb, full_matrices=True)
+            bases.append(vh[:r].T.contiguous())  # (E, r)
+        per_layer.append(orthogonalise(bases))
+    subspaces = torch.stack(per_layer)
+    handle.state.subspaces = subspaces
+    return subspaces
+
+
+def layer_subspaces(handle) -> torch.Tensor:
+    """(L, n_active, E, r) bases in use: calibrated ones if present, else coordinate groups."""
+    cfg = handle.config
+    stored = getattr(handle.state, "subspaces", None)
+    n_active = len(cfg.active_block_list())
+    if stored is not None and stored.shape[1] == n_active:
+        return stored
+    if cfg.subspace == "pca":
+        raise LocalistError(
+            "LocalistConfig.subspace='pca' needs calibrated subspaces: call calibrate_subspaces(handle, loader) first"
+        )
+    hidden = qk_head_weights(handle, 0)[0].shape[-1]
+    basis = coordinate_subspaces(hidden, n_active, cfg.subspace_rank)
+    return basis.unsqueeze(0).expand(len(handle.attention_modules), *basis.shape)
