@@ -48,6 +48,7 @@ class LocalistState:
     ctx: CallContext | None = None
     recorder: DiagnosticsRecorder | None = None
     backend_counts: dict[str, int] = field(default_factory=dict)  # which backend ran, for tests and benchmarks
+    generating: int = 0  # depth of generate() calls in progress: block_ids given to generate() are the prompt's
     subspaces: torch.Tensor | None = None  # (L, n_active, E, r) calibrated block subspaces (pca)
     lambda_threshold: torch.Tensor | None = None  # (L, H, n_active) from estimate_constants(...).threshold()
     last_prox: Any = None  # ProxStats of the latest proximal step
@@ -94,6 +95,48 @@ def _layout(ctx: CallContext, q_len: int, kv_len: int, causal: bool, device: tor
     return layout
 
 
+def _attentions_requested(kwargs: dict) -> bool:
+    """Whether the caller asked for attention weights.
+
+    Most models pass ``output_attentions`` down to the attention function, but some consume it in the attention
+    module (GPT-2) and transformers v5 collects the weights with output-capturing hooks instead: check the active
+    collector too (it also covers ``config.output_attentions=True``).
+    """
+    if kwargs.get("output_attentions", False):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - older/newer transformers without the collector
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
+def _additive_mask_for_eager(module, state: LocalistState, query: torch.Tensor, key: torch.Tensor,
+                             attention_mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor | None:
+    """The mask an eager attention function expects (additive, 0 / finfo.min), from what the "localist" key got.
+
+    The key's mask function is ``sdpa_mask``: it gives a boolean mask, or ``None`` where SDPA's ``is_causal`` would
+    do. Eager functions add the mask and apply no causality of their own, so ``None`` must become an explicit
+    causal mask (the values transformers' ``eager_mask`` uses), or the layer would attend to future positions.
+    """
+    min_value = torch.finfo(query.dtype).min
+    if attention_mask is None:
+        is_causal = kwargs.get("is_causal")
+        causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", state.causal))
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if not causal or q_len == 1:
+            return None
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        k_pos = torch.arange(kv_len, device=query.device)
+        future = k_pos[None, :] > q_pos[:, None]
+        return torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(future, min_value)[None, None]
+    if attention_mask.dtype == torch.bool:
+        return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, min_value)
+    return attention_mask
+
+
 def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query: torch.Tensor, module) -> str:
     hard = alpha_l >= 1.0
     requested = cfg.backend
@@ -131,15 +174,13 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     layer = module._localist_layer
     alpha_l = state.layer_alpha(layer)
     recorder = state.recorder
-    want_weights = bool(kwargs.get("output_attentions", False))
+    want_weights = _attentions_requested(kwargs)
     need_weights = want_weights or recorder is not None or bool(state.probes)
     if alpha_l == 0.0 and not need_weights:
         state.backend_counts["passthrough"] = state.backend_counts.get("passthrough", 0) + 1
         fn = _passthrough_fn(state, module)
-        if fn is not ALL_ATTENTION_FUNCTIONS.get("sdpa") and attention_mask is not None and attention_mask.dtype == torch.bool:
-            # eager functions add the mask: turn the boolean (sdpa-style) mask into transformers' additive form.
-            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                ~attention_mask, torch.finfo(query.dtype).min)
+        if fn is not ALL_ATTENTION_FUNCTIONS.get("sdpa"):
+            attention_mask = _additive_mask_for_eager(module, state, query, key, attention_mask, kwargs)
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     ctx = state.ctx

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
 from .errors import LocalistLoadError
 from .patch import apply_localist
+from .persistence import load_localist_state
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
 
@@ -49,5 +50,7 @@ class AutoLocalistModel:
             names = getattr(model_config, "architectures", None) or []
             model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), AutoModelForCausalLM)
         model = model_class.from_pretrained(path_or_id, *model_args, **kwargs)
-        apply_localist(model, localist_config)
+        handle = apply_localist(model, localist_config)
+        if os.path.isdir(path_or_id):
+            load_localist_state(handle, path_or_id)
         return model

@@ -14,10 +14,12 @@ positions, and return ``(out (B, T, H, D), weights (B, H, T, S) or None)``.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 @dataclass
@@ -107,16 +109,368 @@ def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: fl
     return out.transpose(1, 2).contiguous(), weights
 
 
-def _group_indices(member: torch.Tensor):
-    """For a (G, N) bool membership matrix: (G, M) indices of the members (padded with 0) and (G, M) validity."""
-    counts = member.sum(dim=1)
-    m = max(int(counts.max()), 1)
-    n = member.shape[1]
-    # Sort members first, in position order: key = position for members, n + position for the rest.
-    pos = torch.arange(n, device=member.device).expand_as(member)
-    order = torch.where(member, pos, pos + n).argsort(dim=1)[:, :m]
-    valid = torch.arange(m, device=member.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid
+# ---------------------------------------------------------------------------------------------------------------
+# segment: the layout-only work (which queries and keys form each group, and where each output goes) is a *plan*,
+# computed once per forward call and reused by every layer (the layout and the base mask are the same for all
+# layers of one call).
+
+
+@dataclass
+class _Rows:
+    """A row gather ``x.index_select(dim, index)`` and how to send gradients back with gathers, not scatters.
+
+    Backward: ``dx = g.index_select(dim, slot)`` (placed at rows ``dst`` of a zero tensor when ``dst`` is given,
+    else ``slot`` lists one slot per row, in row order), rows ``zero`` cleared, then ``g``'s ``extra_slot`` rows
+    added to rows ``extra_dst`` (rows gathered more than once: the sink, block-0 keys). Slots left out of the
+    backward carry exactly zero gradient (outputs that are dropped, padding that no kept query can see).
+    """
+
+    index: torch.Tensor
+    slot: torch.Tensor
+    dst: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    extra_dst: torch.Tensor | None = None
+    extra_slot: torch.Tensor | None = None
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dim: int, rows: _Rows):
+        ctx.dim, ctx.rows, ctx.size = dim, rows, x.shape[dim]
+        return x.index_select(dim, rows.index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: torch.Tensor):
+        dim, rows = ctx.dim, ctx.rows
+        vals = g.index_select(dim, rows.slot)
+        if rows.dst is None:
+            dx = vals
+        else:
+            shape = list(g.shape)
+            shape[dim] = ctx.size
+            dx = g.new_zeros(shape).index_copy_(dim, rows.dst, vals)
+        if rows.zero is not None:
+            dx.index_fill_(dim, rows.zero, 0)
+        if rows.extra_dst is not None:
+            dx.index_add_(dim, rows.extra_dst, g.index_select(dim, rows.extra_slot))
+        return dx, None, None
+
+
+def _rows_backward(index: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, n: int) -> _Rows:
+    """A :class:`_Rows` gathering ``index``, whose gradient flows back from slots ``slots`` (holding rows ``rows``;
+    a row may appear in several slots) to ``n`` rows."""
+    order = torch.argsort(rows, stable=True)
+    r, sl = rows[order], slots[order]
+    first = torch.ones_like(r, dtype=torch.bool)
+    first[1:] = r[1:] != r[:-1]
+    dst, slot = r[first], sl[first]
+    extra_dst = extra_slot = None
+    if not bool(first.all()):
+        extra_dst, extra_slot = r[~first], sl[~first]
+    if dst.numel() == n:
+        dst = None  # every row has a slot, in row order: the backward is a plain gather
+    return _Rows(index, slot, dst, None, extra_dst, extra_slot)
+
+
+@dataclass
+class _Part:
+    """One SDPA call of a plan: ``groups`` groups of ``q_len`` query slots and ``k_len`` key slots."""
+
+    q: _Rows  # gathers (B * T) query rows into (groups * q_len) slots
+    k: _Rows  # gathers (B * S) key/value rows into (groups * k_len) slots
+    groups: int
+    q_len: int
+    k_len: int
+    is_causal: bool  # the group's queries and keys are the same position sequence: SDPA's own is_causal suffices
+    mask: torch.Tensor | None  # (G, 1, Qm or 1, Km): bool, or float32 additive; None on the is_causal parts
+
+
+@dataclass
+class _Plan:
+    parts: list[_Part]
+    out: _Rows  # gathers each query's output row from the concatenated slots of the parts
+
+
+def _ranks(member: torch.Tensor):
+    """For a (G, N) bool membership matrix: the (g, n) pairs of members (row-major, so in position order within
+    each group), each member's rank within its group, and the (G, N) rank matrix."""
+    rank = member.long().cumsum(dim=1) - 1  # (G, N)
+    gi, ni = member.nonzero(as_tuple=True)
+    return gi, ni, rank[gi, ni], rank
+
+
+def _fill_slots(gi, ri, values, groups: int, length: int, fill: torch.Tensor) -> torch.Tensor:
+    """A (groups, length) tensor: ``values`` at (gi, ri), ``fill[g]`` elsewhere (padding slots)."""
+    out = fill[:, None].expand(groups, length).clone()
+    out[gi, ri] = values
+    return out
+
+
+def _base_is_causal_padding(attention_mask: torch.Tensor, layout: Layout, b: int, t: int, s: int):
+    """``(B, S)`` key validity when the mask transformers gave is exactly causality AND per-key padding (what
+    ``sdpa_mask`` builds for a causal model with a 2-D padding mask), else None. Costs one pass over the mask; the
+    plan cache runs it once per forward call."""
+    base = attention_mask[..., :s]
+    if base.dim() != 4 or base.shape[1] != 1 or base.shape[-2] != t or base.shape[-1] != s or base.shape[0] not in (1, b):
+        return None
+    if base.dtype == torch.bool:
+        visible = base[:, 0]
+    else:
+        visible = ~torch.isneginf(base[:, 0])
+        if not bool(((base[:, 0] == 0) | ~visible).all()):
+            return None  # a real additive bias (ALiBi-like): keep it on the masked path
+    visible = visible.expand(b, t, s)
+    key_ok = visible[:, -1, :]  # the last query is the last key: it sees every valid key
+    causal = layout.k_pos[None, :] <= layout.q_pos[:, None]  # (T, S)
+    if not torch.equal(visible, key_ok[:, None, :] & causal[None]):
+        return None
+    return key_ok
+
+
+def _segment_plan(layout: Layout, attention_mask: torch.Tensor | None, beta_anchor: float, b: int, t: int,
+                  s: int) -> _Plan:
+    """Group the queries by (row, block) and choose, per group, one of two ways to run it.
+
+    *Sequence* groups (causal layers, base mask absent or plain causal + padding, no anchor bonus): the group's
+    visible keys, in position order, form one sequence that contains the group's queries; SDPA runs over it with
+    ``is_causal=True`` (no mask tensor at all), and the outputs at positions that are not the group's queries
+    (keys of block 0, the sink, cached positions) are dropped. Chosen when the group's queries are at least half
+    of the sequence. Groups of about the same length share one SDPA call (padding at the end, which no real query
+    can see).
+
+    *Masked* groups (everything else: decoding, anchor bonus, other base masks, non-causal layers, padding
+    queries): queries padded to Q_max and visible keys padded to K_max, with a mask that keeps causality on
+    absolute positions, the mask transformers gave, the anchor bonus and the group padding.
+    """
+    dev = layout.q_blocks.device
+    qb, kb = layout.q_blocks, layout.k_blocks
+    is_sink = layout.key_is_sink()  # (B, S)
+    nb = int(max(int(qb.max()), int(kb.max()))) + 1
+    pos_t = torch.arange(t, device=dev)
+    pos_s = torch.arange(s, device=dev)
+    shift = s - t  # query i is key i + shift when the positions line up
+    aligned = (t <= s and layout.causal
+               and torch.equal(layout.k_pos, layout.k_pos[:1] + pos_s)
+               and torch.equal(layout.q_pos, layout.k_pos[shift:])
+               and torch.equal(qb, kb[:, shift:]))
+    key_ok = None
+    if aligned and attention_mask is not None:
+        key_ok = _base_is_causal_padding(attention_mask, layout, b, t, s)
+        aligned = key_ok is not None
+
+    parts: list[_Part] = []
+    q_dst, q_slot = [], []  # per part: query rows and their slot within the part
+    masked_q = torch.ones(b, t, dtype=torch.bool, device=dev)
+    if aligned:
+        seq_q = torch.ones(b, t, dtype=torch.bool, device=dev) if key_ok is None else key_ok[:, shift:].clone()
+        if beta_anchor > 0.0:
+            seq_q &= qb == 0  # the anchor bonus needs an additive mask: block >= 1 queries go the masked way
+        counts = torch.zeros(b, nb, dtype=torch.long, device=dev).scatter_add_(1, qb, seq_q.long())
+        g_row, g_blk = (counts > 0).nonzero(as_tuple=True)
+        if g_row.numel():
+            q_sel = (qb[g_row] == g_blk[:, None]) & seq_q[g_row]  # (G, T)
+            g_kb = kb[g_row]
+            member = (g_kb == g_blk[:, None]) | (g_kb == 0) | (g_blk[:, None] == 0) | is_sink[g_row]  # (G, S)
+            if key_ok is not None:
+                member &= key_ok[g_row]
+            last = torch.where(q_sel, pos_t, -1).max(dim=1).values + shift
+            member &= pos_s[None, :] <= last[:, None]
+            length = member.sum(dim=1)
+            use = 2 * counts[g_row, g_blk] >= length  # else most of the sequence would be wasted rows
+            if not bool(use.all()):
+                back = torch.zeros(b, t, dtype=torch.long, device=dev)
+                back.index_put_((g_row[~use],), q_sel[~use].long(), accumulate=True)
+                seq_q &= back == 0
+                g_row, q_sel, member, length = g_row[use], q_sel[use], member[use], length[use]
+            masked_q = ~seq_q
+            # Buckets of similar length: one SDPA call each, padded to the longest member.
+            lengths = length.tolist()
+            buckets: list[list[int]] = []
+            for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+                if buckets and 5 * lengths[i] >= 4 * lengths[buckets[-1][0]]:
+                    buckets[-1].append(i)
+                else:
+                    buckets.append([i])
+            for bucket in buckets:
+                idx = torch.tensor(bucket, dtype=torch.long, device=dev)
+                rows, m_b, sel_b = g_row[idx], member[idx], q_sel[idx]
+                n_g, n_l = len(bucket), lengths[bucket[0]]
+                gi, si, ri, rank = _ranks(m_b)
+                k_index = _fill_slots(gi, ri, rows[gi] * s + si, n_g, n_l, rows * s).view(-1)
+                q_index = _fill_slots(gi, ri, rows[gi] * t + (si - shift).clamp(min=0), n_g, n_l, rows * t).view(-1)
+                # Key gradients: every sequence slot (trailing padding slots are seen by no kept query).
+                k_rows = _rows_backward(k_index, rows[gi] * s + si, gi * n_l + ri, b * s)
+                qg, qt = sel_b.nonzero(as_tuple=True)
+                q_dst.append(rows[qg] * t + qt)
+                q_slot.append(qg * n_l + rank[qg, qt + shift])
+                parts.append(_Part(_Rows(q_index, q_slot[-1]), k_rows, n_g, n_l, n_l, True, None))
+
+    if bool(masked_q.any()):
+        part, dst, slot = _masked_part(layout, attention_mask, beta_anchor, masked_q, nb, b, t, s, is_sink)
+        parts.append(part)
+        q_dst.append(dst)
+        q_slot.append(slot)
+
+    # Query gradients: each query's one kept slot. Outputs: each query row gathers its slot.
+    offsets = [0]
+    for part in parts:
+        offsets.append(offsets[-1] + part.groups * part.q_len)
+    src = torch.empty(b * t, dtype=torch.long, device=dev)
+    for part, dst, slot, off in zip(parts, q_dst, q_slot, offsets):
+        src[dst] = slot + off
+        if len(parts) == 1:
+            part.q.slot = src  # every query row is in this part
+        else:
+            part.q.dst = dst
+    total = offsets[-1]
+    inverse = torch.zeros(total, dtype=torch.long, device=dev)
+    inverse[src] = torch.arange(b * t, device=dev)
+    dropped = torch.ones(total, dtype=torch.bool, device=dev)
+    dropped[src] = False
+    zero = dropped.nonzero().view(-1)
+    out = _Rows(src, inverse, zero=zero if zero.numel() else None)
+    return _Plan(parts, out)
+
+
+def _masked_part(layout: Layout, attention_mask, beta_anchor: float, queries: torch.Tensor, nb: int, b: int,
+                 t: int, s: int, is_sink: torch.Tensor):
+    """The masked groups: (row, block) pairs of ``queries`` (B, T) bool, padded, with an explicit mask.
+    Returns the part, and the query rows with their slots."""
+    dev = queries.device
+    qb, kb = layout.q_blocks, layout.k_blocks
+    counts = torch.zeros(b, nb, dtype=torch.long, device=dev).scatter_add_(1, qb, queries.long())
+    g_row, g_blk = (counts > 0).nonzero(as_tuple=True)  # (G,)
+    n_g = g_row.numel()
+    zeros = torch.zeros_like(g_row)
+    q_member = (qb[g_row] == g_blk[:, None]) & queries[g_row]  # (G, T)
+    qgi, qti, qri, _ = _ranks(q_member)
+    q_len = int(counts[g_row, g_blk].max())
+    q_idx = _fill_slots(qgi, qri, qti, n_g, q_len, zeros)
+    q_valid = _fill_slots(qgi, qri, torch.ones_like(qti), n_g, q_len, zeros) > 0
+    g_kb = kb[g_row]  # (G, S)
+    k_member = (g_kb == g_blk[:, None]) | (g_kb == 0) | (g_blk[:, None] == 0) | is_sink[g_row]
+    if layout.causal:
+        # Keys after the group's last query are never visible under a causal mask: skip them.
+        last_q = torch.where(q_valid, layout.q_pos[q_idx], torch.full_like(q_idx, -1)).max(dim=1).values
+        k_member &= layout.k_pos[None, :] <= last_q[:, None]
+    k_count = k_member.sum(dim=1)
+    k_len = max(int(k_count.max()), 1)
+    kgi, ksi, kri, _ = _ranks(k_member)
+    k_idx = _fill_slots(kgi, kri, ksi, n_g, k_len, zeros)
+    k_valid = _fill_slots(kgi, kri, torch.ones_like(ksi), n_g, k_len, zeros) > 0
+
+    if not layout.causal and attention_mask is None and beta_anchor == 0.0 and bool((k_count > 0).all()):
+        # Only the group padding of the keys to hide: a (G, 1, 1, Km) mask (None when no group is padded).
+        mask = None if bool(k_valid.all()) else k_valid[:, None, None, :]
+    else:
+        qpos, kpos = layout.q_pos[q_idx], layout.k_pos[k_idx]  # (G, Qm), (G, Km)
+        allowed = q_valid[:, :, None] & k_valid[:, None, :]  # (G, Qm, Km)
+        additive = None
+        if attention_mask is None:
+            if layout.causal:
+                allowed &= kpos[:, None, :] <= qpos[:, :, None]
+        else:
+            base = attention_mask[..., :s]
+            base = base.expand(b, 1, t, s)[g_row[:, None, None], 0, q_idx[:, :, None], k_idx[:, None, :]]
+            if base.dtype == torch.bool:
+                allowed &= base
+            else:
+                additive = base.float()
+                allowed &= ~torch.isneginf(additive)
+        # Rows with no visible key (group padding, padding queries) attend to the group's first key only, so that
+        # SDPA never sees an empty row; their output is dropped or unused.
+        empty = ~allowed.any(dim=-1)  # (G, Qm)
+        allowed[:, :, 0] |= empty
+        if beta_anchor > 0.0:
+            # Anchor bonus (alpha_l = 1): + beta_anchor on keys that are anchors of the group's block (not the sink).
+            bonus = (layout.k_anchor[g_row[:, None], k_idx] & (kb[g_row[:, None], k_idx] == g_blk[:, None])
+                     & (g_blk[:, None] >= 1) & (kpos != layout.sink[g_row][:, None])).float() * beta_anchor
+            additive = bonus[:, None, :] if additive is None else additive + bonus[:, None, :]
+        if additive is None:
+            mask = allowed[:, None]  # (G, 1, Qm, Km) bool
+        else:
+            mask = additive.masked_fill(~allowed, float("-inf")).masked_fill(empty[:, :, None] & allowed, 0.0)[:, None]
+    k_index = (g_row[:, None] * s + k_idx).view(-1)
+    # Key gradients: all slots (a padding slot can be the stand-in key of an empty row).
+    k_rows = _rows_backward(k_index, k_index, torch.arange(k_index.numel(), device=dev), b * s)
+    q_rows = _Rows((g_row[:, None] * t + q_idx).view(-1), qgi * q_len + qri)
+    part = _Part(q_rows, k_rows, n_g, q_len, k_len, False, mask)
+    return part, g_row[qgi] * t + qti, qgi * q_len + qri
+
+
+class _PlanCache:
+    """The plans (or flex BlockMasks) of the last few attention calls, per kind, reused while the call's layout and
+    base mask are the same: every layer of one forward call shares them, so the layout work runs once per call (a
+    few entries, because models that mix full and sliding-window layers alternate between two masks).
+
+    A hit needs the same shapes, scalars and device, equal layout tensors (compared by value: (B, S)-sized, cheap),
+    and the very same base-mask tensor object (held by weak reference) at the same version counter, so that an
+    in-place change of the mask is a miss. Inference-mode tensors have no version counter: with such a mask the
+    plan is rebuilt on every call. Plans built under inference mode are kept apart from the others (their tensors
+    cannot be saved for backward).
+    """
+
+    size = 4  # entries per kind
+
+    def __init__(self):
+        self._entries: dict[str, list[tuple]] = {}
+
+    @staticmethod
+    def _signature(layout: Layout, mask: torch.Tensor | None, scalars: tuple):
+        if mask is None:
+            mask_sig = None
+        else:
+            try:
+                mask_sig = (weakref.ref(mask), mask._version, mask.shape, mask.dtype)
+            except RuntimeError:  # an inference tensor: no version counter to detect in-place changes
+                return None
+        tensors = (layout.q_blocks, layout.k_blocks, layout.q_pos, layout.k_pos, layout.k_anchor, layout.sink)
+        return (scalars + (layout.causal, torch.is_inference_mode_enabled(), layout.q_blocks.device),
+                tensors, mask_sig)
+
+    @staticmethod
+    def _same(old, new, mask) -> bool:
+        if old[0] != new[0] or (old[2] is None) != (new[2] is None):
+            return False
+        if old[2] is not None and (old[2][0]() is not mask or old[2][1:] != new[2][1:]):
+            return False
+        return all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(old[1], new[1]))
+
+    def get(self, kind: str, layout: Layout, mask: torch.Tensor | None, scalars: tuple, build):
+        sig = self._signature(layout, mask, scalars)
+        if sig is None:
+            return build()
+        entries = self._entries.get(kind, [])
+        for entry in entries:
+            if self._same(entry[0], sig, mask):
+                return entry[1]
+        value = build()
+        frozen = (sig[0], tuple(x.clone() for x in sig[1]), sig[2])  # by value: callers may reuse their buffers
+        self._entries[kind] = [(frozen, value)] + entries[: self.size - 1]
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_PLANS = _PlanCache()
+
+
+def clear_plan_cache() -> None:
+    """Forget the cached segment plan and flex BlockMask (benchmarks use it to time the layout work too)."""
+    _PLANS.clear()
+
+
+def _gather(x: torch.Tensor, rows: _Rows, groups: int, length: int) -> torch.Tensor:
+    """Rows of ``x`` (B, H, N, D) at flat indices ``rows.index`` (b * N + n) as (groups, H, length, D), one copy."""
+    b, h, n, d = x.shape
+    xt = x.transpose(1, 2)  # (B, N, H, D): contiguous for the q/k/v that models produce
+    if xt.is_contiguous() or b > 1:
+        g = _GatherRows.apply(xt.reshape(b * n, h, d), 0, rows)
+        return g.view(groups, length, h, d).transpose(1, 2)
+    g = _GatherRows.apply(x[0], 1, rows)  # (H, N, D) memory: gather along N
+    return g.view(h, groups, length, d).transpose(0, 1)
 
 
 def segment_attention(query, key, value, attention_mask, layout: Layout, beta_anchor: float, scaling: float,
@@ -124,84 +478,118 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
     """Hard-mode attention with block-sparse work (alpha_l = 1).
 
     Groups are (row r, block k) pairs present among the queries. Group (r, k >= 1) sees keys of block k, of block
-    0 and the sink; group (r, 0) sees every key. Each group's queries (padded to Q_max) and visible keys (padded to
-    K_max) go into the batch dimension of one SDPA call, with a mask that keeps causality (on absolute positions),
-    the mask transformers gave, and the padding of the groups.
+    0 and the sink; group (r, 0) sees every key; always within causality and the mask transformers gave. Each
+    group's queries and visible keys are gathered into the batch dimension of an SDPA call (see
+    :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask tensor), and the outputs are
+    gathered back to (B, T, H, D). The plan is computed once per forward call and shared by the layers; the
+    gathers' backward passes are gathers too.
     """
     b, h, t, d = query.shape
     s = key.shape[2]
-    n_rep = h // key.shape[1]
-    dev = query.device
-    qb, kb = layout.q_blocks, layout.k_blocks
-    nb = int(max(int(qb.max()), int(kb.max()))) + 1
-    # Groups: (row, block) pairs with at least one query.
-    present = torch.zeros(b, nb, dtype=torch.bool, device=dev)
-    present.scatter_(1, qb, True)
-    g_row, g_blk = present.nonzero(as_tuple=True)  # (G,), (G,)
-    q_member = qb[g_row] == g_blk[:, None]  # (G, T)
-    q_idx, q_valid = _group_indices(q_member)  # (G, Qm)
-    g_kb = kb[g_row]  # (G, S)
-    k_member = (g_kb == g_blk[:, None]) | (g_kb == 0) | (g_blk[:, None] == 0) | layout.key_is_sink()[g_row]
-    if layout.causal or attention_mask is not None:
-        # Keys after the group's last query are never visible under a causal mask: skip them.
-        last_q = torch.where(q_valid, layout.q_pos[q_idx], torch.full_like(q_idx, -1)).max(dim=1).values
-        if layout.causal:
-            k_member &= layout.k_pos[None, :] <= last_q[:, None]
-    k_idx, k_valid = _group_indices(k_member)  # (G, Km)
-
-    # Gather queries (B, H, T, D) -> (G, H, Qm, D) and keys/values (B, H_kv, S, D) -> (G, H_kv, Km, D).
-    qg = query.transpose(1, 2)[g_row[:, None], q_idx].transpose(1, 2)
-    kg = key.transpose(1, 2)[g_row[:, None], k_idx].transpose(1, 2)
-    vg = value.transpose(1, 2)[g_row[:, None], k_idx].transpose(1, 2)
-    kg, vg = repeat_kv(kg, n_rep), repeat_kv(vg, n_rep)
-
-    qpos, kpos = layout.q_pos[q_idx], layout.k_pos[k_idx]  # (G, Qm), (G, Km)
-    allowed = q_valid[:, :, None] & k_valid[:, None, :]  # (G, Qm, Km)
-    additive = None
-    if attention_mask is None:
-        if layout.causal:
-            allowed &= kpos[:, None, :] <= qpos[:, :, None]
-    else:
-        base = attention_mask[..., :s]
-        base = base.expand(b, 1, t, s)[g_row[:, None, None], 0, q_idx[:, :, None], k_idx[:, None, :]]  # (G, Qm, Km)
-        if base.dtype == torch.bool:
-            allowed &= base
-        else:
-            additive = base.float()
-            allowed &= ~torch.isneginf(additive)
-    # Rows with no visible key (group padding, padding queries) attend to the group's first key only, so that
-    # SDPA never sees an empty row; their output is dropped or unused.
-    empty = ~allowed.any(dim=-1)  # (G, Qm)
-    allowed[:, :, 0] |= empty
-    if beta_anchor > 0.0:
-        # Anchor bonus (alpha_l = 1): + beta_anchor on keys that are anchors of the group's block (not the sink).
-        bonus = (layout.k_anchor[g_row[:, None], k_idx] & (kb[g_row[:, None], k_idx] == g_blk[:, None])
-                 & (g_blk[:, None] >= 1) & (kpos != layout.sink[g_row][:, None])).float() * beta_anchor
-        additive = bonus[:, None, :] if additive is None else additive + bonus[:, None, :]
-    if additive is None:
-        mask = allowed[:, None]  # (G, 1, Qm, Km) bool
-    else:
-        mask = additive.masked_fill(~allowed, float("-inf")).masked_fill(empty[:, :, None] & allowed, 0.0)
-        mask = mask[:, None].to(query.dtype)
-    og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scaling)  # (G,H,Qm,D)
-
-    # Scatter the valid rows back to (B * T, H, D).
-    og = og.transpose(1, 2)[q_valid]  # (n_valid, H, D)
-    flat = (g_row[:, None] * t + q_idx)[q_valid]  # (n_valid,)
-    out = og.new_zeros(b * t, h, d).index_copy(0, flat, og)
-    return out.view(b, t, h, d), None
+    if b * t == 0:
+        return query.new_zeros(b, t, h, d), None
+    plan = _PLANS.get("segment", layout, attention_mask, ("segment", b, t, s, beta_anchor),
+                      lambda: _segment_plan(layout, attention_mask, beta_anchor, b, t, s))
+    gqa = key.shape[1] != h
+    outs = []
+    for part in plan.parts:
+        qg = _gather(query, part.q, part.groups, part.q_len)
+        kg = _gather(key, part.k, part.groups, part.k_len)
+        vg = _gather(value, part.k, part.groups, part.k_len)
+        mask = part.mask
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, is_causal=part.is_causal,
+                                            scale=scaling, enable_gqa=gqa)  # (G, H, L, D)
+        outs.append(og.transpose(1, 2).reshape(part.groups * part.q_len, h, d))
+    rows = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return _GatherRows.apply(rows, 0, plan.out).view(b, t, h, d), None
 
 
 _COMPILED_FLEX = None
+_FLEX_TILE = 128  # flex_attention's default sparse block size
 
 
-def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scaling: float, compile_kernel: bool):
-    """Hard-mode attention with flex_attention: the block rule as a ``mask_mod`` closed over the layout tensors."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _tile_classes_dense(layout: Layout, base: torch.Tensor | None, b: int, t: int, s: int):
+    """(any visible, all visible) per (row, query tile, key tile), from the dense visibility in chunks of rows."""
+    qb, kb, tile = layout.q_blocks, layout.k_blocks, _FLEX_TILE
+    n_q, n_k = -(-t // tile), -(-s // tile)
+    any_vis = torch.zeros(b, n_q, n_k, dtype=torch.bool, device=qb.device)
+    all_vis = torch.zeros(b, n_q, n_k, dtype=torch.bool, device=qb.device)
+    k_free = ((kb == 0) | layout.key_is_sink())[:, None, :]  # (B, 1, S): keys every query sees (block rule)
+    step = max(1, (1 << 22) // (b * n_k * tile * tile)) * tile  # query rows per chunk: ~4M mask entries
+    for lo in range(0, t, step):
+        hi = min(t, lo + step)
+        q_blk = qb[:, lo:hi, None]
+        visible = (kb[:, None, :] == q_blk) | k_free | (q_blk == 0)  # (B, rows, S)
+        if base is not None:
+            visible &= base[:, 0, lo:hi]
+        elif layout.causal:
+            visible &= layout.k_pos[None, None, :] <= layout.q_pos[None, lo:hi, None]
+        rows = -(-(hi - lo) // tile) * tile
+        visible = F.pad(visible, (0, n_k * tile - s, 0, rows - (hi - lo)))  # outside the sequence: not visible
+        tiles = visible.view(b, rows // tile, tile, n_k, tile)
+        any_vis[:, lo // tile: lo // tile + rows // tile] = tiles.any(dim=4).any(dim=2)
+        all_vis[:, lo // tile: lo // tile + rows // tile] = tiles.all(dim=4).all(dim=2)
+    return any_vis, all_vis
 
-    global _COMPILED_FLEX
-    b, h, t, _ = query.shape
-    s = key.shape[2]
+
+def _tile_classes_counted(layout: Layout, key_ok: torch.Tensor | None, b: int, t: int, s: int):
+    """The same as :func:`_tile_classes_dense` for the block rule AND causality AND per-key validity, in
+    O(tiles * blocks) plus the tiles that cross the causal diagonal (evaluated densely): per tile pair, the number
+    of block-visible (query, key) pairs comes from per-tile histograms of block ids."""
+    qb, kb, tile = layout.q_blocks, layout.k_blocks, _FLEX_TILE
+    dev = qb.device
+    n_q, n_k = -(-t // tile), -(-s // tile)
+    nb = int(max(int(qb.max()), int(kb.max()))) + 1
+    ok = torch.ones(b, s, dtype=torch.bool, device=dev) if key_ok is None else key_ok
+    sink = layout.key_is_sink()
+    q_tile = torch.arange(t, device=dev) // tile
+    k_tile = torch.arange(s, device=dev) // tile
+    hist_q = torch.zeros(b, n_q * nb, dtype=torch.long, device=dev).scatter_add_(
+        1, q_tile * nb + qb, torch.ones_like(qb)).view(b, n_q, nb)
+    hidden = ok & ~sink & (kb >= 1)  # keys a query of another block >= 1 cannot see (by the block rule)
+    hist_k = torch.zeros(b, n_k * nb, dtype=torch.long, device=dev).scatter_add_(
+        1, k_tile * nb + kb, hidden.long()).view(b, n_k, nb)
+    n_ok = torch.zeros(b, n_k, dtype=torch.long, device=dev).scatter_add_(1, k_tile.expand(b, s), ok.long())
+    in_q = torch.zeros(n_q, dtype=torch.long, device=dev).scatter_add_(0, q_tile, torch.ones_like(q_tile))
+    # Pairs (query of block v >= 1, ok key of block w >= 1, w != v, not the sink) are the invisible ones.
+    hq, hk = hist_q[:, :, 1:].double(), hist_k[:, :, 1:].double()
+    invisible = hq.sum(-1)[:, :, None] * hk.sum(-1)[:, None, :] - hq @ hk.transpose(1, 2)  # (B, n_q, n_k)
+    visible = in_q[None, :, None] * n_ok[:, None, :] - invisible.round().long()
+    any_vis = visible > 0
+    all_vis = visible == tile * tile  # an edge tile (outside the sequence) is never fully visible
+    if layout.causal:
+        q_lo = torch.full((n_q,), torch.iinfo(torch.long).max, device=dev).scatter_reduce(0, q_tile, layout.q_pos, "amin")
+        q_hi = torch.full((n_q,), torch.iinfo(torch.long).min, device=dev).scatter_reduce(0, q_tile, layout.q_pos, "amax")
+        k_lo = torch.full((n_k,), torch.iinfo(torch.long).max, device=dev).scatter_reduce(0, k_tile, layout.k_pos, "amin")
+        k_hi = torch.full((n_k,), torch.iinfo(torch.long).min, device=dev).scatter_reduce(0, k_tile, layout.k_pos, "amax")
+        below = k_hi[None, :] <= q_lo[:, None]  # every key of the tile is at or before every query
+        above = k_lo[None, :] > q_hi[:, None]  # no key of the tile is visible
+        any_vis &= ~above[None]
+        all_vis &= below[None]
+        cross = (~below & ~above)[None].expand(b, n_q, n_k) & any_vis
+        if bool(cross.any()):
+            ri, qi, ki = cross.nonzero(as_tuple=True)  # (P,): evaluate these tiles densely
+            off = torch.arange(tile, device=dev)
+            qr, kr = qi[:, None] * tile + off, ki[:, None] * tile + off  # (P, tile)
+            q_in, k_in = qr < t, kr < s
+            qr, kr = qr.clamp(max=t - 1), kr.clamp(max=s - 1)
+            q_blk, k_blk = qb[ri[:, None], qr][:, :, None], kb[ri[:, None], kr][:, None, :]
+            vis = ((k_blk == q_blk) | (k_blk == 0) | (q_blk == 0) | sink[ri[:, None], kr][:, None, :])
+            vis &= (ok[ri[:, None], kr] & k_in)[:, None, :] & q_in[:, :, None]
+            vis &= layout.k_pos[kr][:, None, :] <= layout.q_pos[qr][:, :, None]
+            any_vis[ri, qi, ki] = vis.flatten(1).any(dim=1)
+            all_vis[ri, qi, ki] = vis.flatten(1).all(dim=1)
+    return any_vis, all_vis
+
+
+def _flex_block_mask(layout: Layout, attention_mask: torch.Tensor | None, b: int, t: int, s: int):
+    """The BlockMask of the hard block rule (``mask_mod`` closed over the layout tensors). Tiles are classified
+    without evaluating the ``mask_mod`` over the whole grid as ``create_block_mask`` does (seconds at 4k tokens on
+    CPU): by counting when the base mask is absent or plain causal + padding, else from the dense visibility."""
+    from torch.nn.attention.flex_attention import BlockMask
+
     qb, kb, qpos, kpos, sink = layout.q_blocks, layout.k_blocks, layout.q_pos, layout.k_pos, layout.sink
     base = None
     if attention_mask is not None:
@@ -218,7 +606,37 @@ def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scali
             visible = visible & (kpos[ki] <= qpos[qi])
         return visible
 
-    block_mask = create_block_mask(mask_mod, b, None, t, s, device=query.device)
+    if attention_mask is None:
+        any_vis, all_vis = _tile_classes_counted(layout, None, b, t, s)
+    else:
+        key_ok = _base_is_causal_padding(attention_mask, layout, b, t, s) if causal else None
+        if key_ok is not None:
+            any_vis, all_vis = _tile_classes_counted(layout, key_ok, b, t, s)
+        else:
+            any_vis, all_vis = _tile_classes_dense(layout, base, b, t, s)
+
+    def ordered(dense):  # create_block_mask's layout: per query tile, the count and the tile indices first
+        dense = dense[:, None]  # (B, 1, n_q, n_k): one mask for every head
+        num = dense.sum(dim=-1).to(torch.int32)
+        idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx
+
+    partial_num, partial_idx = ordered(any_vis & ~all_vis)
+    full_num, full_idx = ordered(all_vis)
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=_FLEX_TILE,
+                                    mask_mod=mask_mod, seq_lengths=(t, s))
+
+
+def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scaling: float, compile_kernel: bool):
+    """Hard-mode attention with flex_attention: the block rule as a ``mask_mod`` closed over the layout tensors.
+    The BlockMask is built once per forward call (shared by the layers, see :class:`_PlanCache`)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    b, h, t, _ = query.shape
+    s = key.shape[2]
+    block_mask = _PLANS.get("flex", layout, attention_mask, ("flex", b, t, s),
+                            lambda: _flex_block_mask(layout, attention_mask, b, t, s))
     fn = flex_attention
     if compile_kernel:
         if _COMPILED_FLEX is None:

@@ -21,6 +21,7 @@ next to the measured ``PF_t`` and ``H_t``, and gives the fraction of (query, hea
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -59,6 +60,12 @@ class ConstantsReport:
         """(L, H, n) ``lambda_threshold`` per (layer, head, block), with the head's ``delta_stat`` margin."""
         if delta_stat not in ("min", "p5", "median"):
             raise LocalistError(f"threshold(delta_stat={delta_stat!r}): choose 'min', 'p5' or 'median'")
+        missing = [self.layers[li] for li, row in enumerate(self.L_l) if any(not math.isfinite(v) for v in row)]
+        if missing:
+            raise LocalistError(
+                f"threshold() needs L_l (loss-gradient norms at the head outputs), not measured for layers {missing}: "
+                "run estimate_constants(model, loader, with_grad=True) with batches that give a data loss"
+            )
         rows = []
         for li in range(len(self.layers)):
             per_head = []
@@ -164,6 +171,23 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
     handle.base.eval()
     block_counts = torch.zeros(len(active))
     n_seq = 0
+    hooks = []
+    saved_grads: dict = {}
+    if with_grad:
+        # The backward passes below must not disturb gradients the caller holds: set them aside, restore after.
+        saved_grads = {p: p.grad for p in handle.base.parameters() if p.grad is not None}
+        for p in saved_grads:
+            p.grad = None
+        # L_l is a gradient at the head outputs: it needs a graph even when every weight is frozen (an inference
+        # model, peft adapters elsewhere), so let the input embeddings' output require grad (transformers'
+        # enable_input_require_grads trick), for this call only.
+        embeddings = handle.base.get_input_embeddings() if hasattr(handle.base, "get_input_embeddings") else None
+        if embeddings is not None:
+            def _require_grad(_module, _args, output):
+                if isinstance(output, torch.Tensor) and not output.requires_grad and output.is_floating_point():
+                    output.requires_grad_(True)
+
+            hooks.append(embeddings.register_forward_hook(_require_grad))
     try:
         with LayerInputs(handle) as inputs:
             for batch, out in run_batches(handle, loader, max_batches, with_grad=with_grad):
@@ -174,15 +198,28 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
                 n_seq += ids.shape[0]
                 if with_grad:
                     loss = getattr(out, "loss", None)
+                    if loss is None and getattr(out, "logits", None) is None:
+                        raise LocalistError(
+                            f"estimate_constants(with_grad=True) needs a data loss to measure L_l, but "
+                            f"{type(handle.base).__name__} returned neither loss nor logits: pass labels in the "
+                            "batches, use a model with an LM head, or with_grad=False (then threshold() is unavailable)"
+                        )
                     if loss is None:
                         logits = out.logits[:, :-1]
                         labels = batch["input_ids"][:, 1:]
                         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-                    loss.backward()
+                    if loss.requires_grad:
+                        loss.backward()
                     handle.base.zero_grad(set_to_none=True)
     finally:
         handle.state.probes.remove(probe)
         handle.base.train(was_training)
+        for hook in hooks:
+            hook.remove()
+        if with_grad:
+            handle.base.zero_grad(set_to_none=True)
+            for p, grad in saved_grads.items():
+                p.grad = grad
     if n_seq == 0:
         raise LocalistError("estimate_constants: the calibration loader yielded no batch")
 

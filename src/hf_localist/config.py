@@ -158,9 +158,14 @@ class LocalistConfig(PushToHubMixin):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if getattr(self, "_initialised", False) and name in self._field_names():
-            value = self._validate_field(name, value)
-            object.__setattr__(self, name, value)
-            self._validate_consistency()
+            previous = getattr(self, name)
+            try:
+                value = self._validate_field(name, value)
+                object.__setattr__(self, name, value)
+                self._validate_consistency()
+            except LocalistConfigError:
+                object.__setattr__(self, name, previous)  # a rejected assignment leaves the config unchanged
+                raise
             return
         object.__setattr__(self, name, value)
 
@@ -273,7 +278,7 @@ class LocalistConfig(PushToHubMixin):
         if self.num_layers is not None and self.first_local_layer >= self.num_layers:
             raise LocalistConfigError(
                 f"LocalistConfig.first_local_layer={self.first_local_layer} is not below the model's "
-                f"{self.num_layers} layers: choose a layer in [0, {self.num_layers - 1}]"
+                f"num_layers={self.num_layers} attention layers: choose a layer in [0, {self.num_layers - 1}]"
             )
 
     def active_block_list(self) -> list[int]:

@@ -24,8 +24,9 @@ from .attention import ATTENTION_KEY, CallContext, LocalistState, register_atten
 from .blocks import anchor_flags, segment_block_ids, validate_block_ids
 from .config import MODEL_CONFIG_KEY, LocalistConfig
 from .errors import BlockIdsError, LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
+from .persistence import save_localist_state
 from .recorder import DiagnosticsRecorder
-from .registry import ArchSpec, get_arch_spec
+from .registry import ArchSpec, get_arch_spec, supported_architectures
 from .utils import move_tree_contents
 
 _MISSING = object()
@@ -107,7 +108,7 @@ class LocalistHandle:
             for attr in ("_localist_state", "_localist_layer"):
                 if attr in module.__dict__:
                     delattr(module, attr)
-        for attr in ("forward", "save_pretrained", "localist_handle"):
+        for attr in ("forward", "generate", "save_pretrained", "localist_handle"):
             base.__dict__.pop(attr, None)
         base.set_attn_implementation(self._original_impl)
         if self._previous_config_entry is _MISSING:
@@ -128,7 +129,9 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     base = _unwrap(model)
     if not hasattr(base, "config") or not hasattr(base, "set_attn_implementation"):
         raise UnsupportedArchitectureError(
-            f"apply_localist needs a transformers PreTrainedModel (or a peft model around one), got {type(model).__name__}"
+            f"apply_localist needs a transformers PreTrainedModel (or a peft model around one), got "
+            f"{type(model).__name__}. Supported model types: {supported_architectures()}; other transformers models "
+            "whose modeling code uses AttentionInterface can be added with hf_localist.register_localist_arch(...)"
         )
     if isinstance(getattr(base, "localist_handle", None), LocalistHandle):
         raise LocalistStateError("the model is already localist: use model.localist_handle (update, set_dial) or revert()")
@@ -140,7 +143,9 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
             "check the register_localist_arch entry for this model_type"
         )
     if config is None:
-        config = LocalistConfig.for_model_config(base.config, **overrides)
+        # Defaults for this model (model_type and num_layers are set below). Not for_model_config: that looks the
+        # type up in the registry again, without the model, and so rejects auto-detected architectures.
+        config = LocalistConfig.from_dict({}, **overrides)
     elif not isinstance(config, LocalistConfig):
         raise LocalistConfigError(f"apply_localist: config must be a LocalistConfig, got {type(config).__name__}")
     elif overrides:
@@ -150,8 +155,8 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
             f"LocalistConfig.model_type={config.model_type!r} but the model is {spec.model_type!r}: "
             "build the config for this model (LocalistConfig.from_pretrained(model_path))"
         )
-    config.model_type = spec.model_type
-    config.num_layers = len(modules)  # validates first_local_layer < number of layers
+    # Validated together (first_local_layer < number of layers); a rejected config is left unchanged.
+    config.update(model_type=spec.model_type, num_layers=len(modules))
 
     register_attention_key()
     original_impl = base.config._attn_implementation
@@ -160,7 +165,8 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
         base.set_attn_implementation(original_impl)
         raise UnsupportedArchitectureError(
             f"{type(base).__name__} refused attn_implementation='localist' (it stayed {original_impl!r}): its modeling "
-            "code does not dispatch through transformers' AttentionInterface"
+            "code does not dispatch through transformers' AttentionInterface. Supported model types: "
+            f"{supported_architectures()} (register_localist_arch only helps models that use AttentionInterface)"
         )
     state = LocalistState(config=config, num_layers=len(modules), original_impl=original_impl, causal=spec.causal)
     for i, module in enumerate(modules):
@@ -171,6 +177,8 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     setattr(base.config, MODEL_CONFIG_KEY, config.to_dict())
     base.forward = _wrap_forward(base, state)
     base.save_pretrained = _wrap_save(base, state)
+    if callable(getattr(base, "generate", None)):
+        base.generate = _wrap_generate(base, state)
     base.localist_handle = handle
     return handle
 
@@ -210,6 +218,21 @@ def _wrap_forward(base: nn.Module, state: LocalistState):
     return forward
 
 
+def _wrap_generate(base: nn.Module, state: LocalistState):
+    """Mark the forwards of a generate() call: there, block_ids describe the prompt (see _call_context)."""
+    original = base.generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, **kwargs: Any):
+        state.generating += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            state.generating -= 1
+
+    return generate
+
+
 def _cache_length(cache: Any) -> int:
     if cache is None or isinstance(cache, (tuple, list)):
         return 0
@@ -239,6 +262,20 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
     total = past_len + new_len
 
     full = None
+    known = prev  # block ids of the first positions, before those computed below
+    if block_ids is not None and state.generating and isinstance(block_ids, torch.Tensor) and block_ids.dim() == 2 \
+            and 0 < block_ids.shape[1] < total:
+        # Inside generate(), block_ids are the prompt's, handed again at every step while the sequence grows (with
+        # or without a cache): positions after the prompt continue the current block / follow the anchor tokens.
+        n = block_ids.shape[1]
+        prompt = validate_block_ids(block_ids, "block_ids", batch, (n,), cfg.max_blocks).to(device)
+        if past_len > 0 and prev is None:
+            raise BlockIdsError(
+                f"the KV cache holds {past_len} positions without block ids: run the prefill through the patched model"
+            )
+        if n > past_len:
+            known = prompt if prev is None else torch.cat([prev.to(device), prompt[:, past_len:]], dim=1)
+        block_ids = None
     if block_ids is not None:
         if prev is not None and block_ids.shape[-1] < total and block_ids.shape[-1] != new_len \
                 and block_ids.shape[-1] <= past_len and torch.equal(block_ids.to(prev.device).long(), prev[:, :block_ids.shape[-1]]):
@@ -255,25 +292,32 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
             else:
                 full = block_ids if prev is None else torch.cat([prev.to(device), block_ids], dim=1)
     if full is None:
-        last = prev[:, -1].to(device) if prev is not None else torch.zeros(batch, dtype=torch.long, device=device)
         if past_len > 0 and prev is None:
             raise BlockIdsError(
                 f"the KV cache holds {past_len} positions without block ids: run the prefill through the patched model"
             )
+        k = known.shape[1] if known is not None else 0  # positions [k, total) are laid out here
+        last = known[:, -1].to(device) if k > 0 else torch.zeros(batch, dtype=torch.long, device=device)
+        rest = total - k
         if cfg.block_assignment == "segment":
             if input_ids is None:
                 raise BlockIdsError("block_assignment='segment' reads anchor tokens from input_ids: pass input_ids or block_ids")
-            new = segment_block_ids(input_ids, cfg.anchor_token_ids, cfg.general_token_id, start=last)
-        elif prev is not None:
-            new = last[:, None].expand(batch, new_len)  # generated tokens continue the current block
+            new = segment_block_ids(input_ids[:, new_len - rest:], cfg.anchor_token_ids, cfg.general_token_id,
+                                    start=last)
+        elif k > 0:
+            new = last[:, None].expand(batch, rest)  # generated tokens continue the current block
         else:
             raise BlockIdsError(
                 "block_assignment='explicit' needs block_ids of shape (batch, seq) in the forward call; or use "
                 "block_assignment='segment' with anchor tokens (add_block_tokens)"
             )
-        full = new if prev is None else torch.cat([prev.to(device), new], dim=1)
+        full = new if k == 0 else torch.cat([known.to(device), new], dim=1)
 
     if target_block_ids is not None:
+        n = target_block_ids.shape[-1] if isinstance(target_block_ids, torch.Tensor) else 0
+        if state.generating and 0 < n < total and target_block_ids.dim() == 2:  # the prompt's, as for block_ids
+            target = validate_block_ids(target_block_ids, "target_block_ids", batch, (n,), cfg.max_blocks)
+            target_block_ids = torch.cat([target.to(device), full[:, n:]], dim=1)
         target = validate_block_ids(target_block_ids, "target_block_ids", batch, (new_len, total), cfg.max_blocks)
         target = target.to(device)
         if target.shape[1] == new_len and past_len:
@@ -316,7 +360,8 @@ def _track_cache(cache: Any) -> None:
     wrap("reorder_cache", lambda v, beam_idx: v.index_select(0, beam_idx.to(v.device)))
     wrap("batch_repeat_interleave", lambda v, repeats: v.repeat_interleave(repeats, dim=0))
     wrap("batch_select_indices", lambda v, indices: v[indices.to(v.device)])
-    wrap("crop", lambda v, max_length: v if v.dim() == 1 else v[:, :max_length])
+    # crop(n): n < 0 removes the last -n positions, n > 0 keeps the first n (older caches), n == 0 is a no-op.
+    wrap("crop", lambda v, n: v if v.dim() == 1 or n == 0 else v[:, :n])
     cache._localist_tracked = True
 
 
@@ -337,6 +382,7 @@ def _wrap_save(base: nn.Module, state: LocalistState):
         try:
             original(tmp, *args, **kwargs)
             state.config.save_pretrained(tmp)
+            save_localist_state(base.localist_handle, tmp)
             move_tree_contents(tmp, save_directory)
         finally:
             if os.path.isdir(tmp):

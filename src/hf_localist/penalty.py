@@ -13,6 +13,7 @@ query heads carries the sum of their lambdas (the same norm appears once per suc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,8 +60,22 @@ def penalty_weights(handle) -> torch.Tensor:
 
 
 def _project(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(heads, D, E) x (n, E, r) -> (heads, n, D, r): every head's coordinates in every block subspace."""
-    return torch.einsum("hde,ner->hndr", w, u.to(w.dtype))
+    """(heads, D, E) x (n, E, r) -> (heads, n, D, r): every head's coordinates in every block subspace.
+
+    One matmul against the concatenated bases ``[U_1 | ... | U_n]`` (E, n*r) instead of n small ones.
+    """
+    heads, d, e = w.shape
+    n, _, r = u.shape
+    u_cat = u.to(w.dtype).permute(1, 0, 2).reshape(e, n * r)  # (E, n*r)
+    return (w.reshape(heads * d, e) @ u_cat).view(heads, d, n, r).permute(0, 2, 1, 3)
+
+
+def _unproject(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(heads, n, D, r) coordinates -> (heads, D, E): sum_i g_i U_i^T."""
+    heads, n, d, r = g.shape
+    e = u.shape[1]
+    u_cat = u.to(g.dtype).permute(1, 0, 2).reshape(e, n * r)
+    return (g.permute(0, 2, 1, 3).reshape(heads * d, n * r) @ u_cat.T).view(heads, d, e)
 
 
 def group_norms(handle) -> GroupNorms:
@@ -75,18 +90,35 @@ def group_norms(handle) -> GroupNorms:
     return GroupNorms(q=torch.stack(qs), k=torch.stack(ks))
 
 
-def _k_weights(lam: torch.Tensor, h_kv: int) -> torch.Tensor:
-    """(L, H, n) -> (L, H_kv, n): each K group carries the lambdas of every query head that reads it."""
-    kv = kv_head_of(lam.shape[1], h_kv)
-    out = torch.zeros(lam.shape[0], h_kv, lam.shape[2], dtype=lam.dtype)
-    return out.index_add_(1, kv, lam)
+def _k_weights(handle, lam: torch.Tensor) -> torch.Tensor:
+    """(L, H, n) -> (L, H_kv, n): each K group carries the lambdas of every query head that reads it.
+
+    With GQA one K head serves several query heads. Its group of block ``i`` is exempt when one of its readers owns
+    block ``i`` or is a general head: penalising it would take from that head the very features it keeps (the
+    literal sum of DESIGN.md section 4 would penalise it; we choose not to, so "general heads are never
+    penalised" and "own-block features survive" hold for K as well as Q). With one K head per query head this
+    changes nothing.
+    """
+    h, h_kv, _ = head_counts(handle)
+    kv = kv_head_of(h, h_kv)
+    out = torch.zeros(lam.shape[0], h_kv, lam.shape[2], dtype=lam.dtype).index_add_(1, kv, lam)
+    active = handle.config.active_block_list()
+    blocks = _head_blocks(handle)
+    exempt = torch.zeros(h_kv, len(active), dtype=torch.bool)
+    for head in range(h):
+        b = int(blocks[head])
+        if b == 0:
+            exempt[kv[head]] = True
+        elif b in active:
+            exempt[kv[head], active.index(b)] = True
+    return out.masked_fill(exempt[None], 0.0)
 
 
 def penalty(handle, norms: GroupNorms | None = None) -> torch.Tensor:
     """The scalar penalty (a differentiable tensor on the weights' device)."""
     norms = norms if norms is not None else group_norms(handle)
     lam = penalty_weights(handle)
-    lam_k = _k_weights(lam, norms.k.shape[1])
+    lam_k = _k_weights(handle, lam)
     dev = norms.q.device
     return (lam.to(dev, norms.q.dtype) * norms.q).sum() + (lam_k.to(dev, norms.k.dtype) * norms.k).sum()
 
@@ -115,7 +147,7 @@ def _shrink(w: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, lr: float) -> t
     scale = torch.where(lam > 0, torch.clamp(1 - lr * lam / norm.float().clamp_min(1e-30), min=0.0),
                         torch.ones_like(lam))
     removed = (1 - scale).to(w.dtype)[..., None, None] * g  # the part of each group the step removes
-    w.sub_(torch.einsum("hndr,ner->hde", removed, u.to(w.dtype)))
+    w.sub_(_unproject(removed, u))
     return (scale == 0) & (lam > 0)
 
 
@@ -126,7 +158,7 @@ def prox_step(handle, lr: float) -> ProxStats:
         raise LocalistError(f"prox_step: lr={lr!r} must be a number >= 0")
     lam = penalty_weights(handle)
     _, h_kv, _ = head_counts(handle)
-    lam_k = _k_weights(lam, h_kv)
+    lam_k = _k_weights(handle, lam)
     subspaces = layer_subspaces(handle)
     zq, zk = [], []
     for layer in range(len(handle.attention_modules)):
@@ -148,7 +180,7 @@ def kkt_ratios(handle, stats: ProxStats) -> torch.Tensor:
     """
     lam = penalty_weights(handle)
     _, h_kv, _ = head_counts(handle)
-    lam_k = _k_weights(lam, h_kv)
+    lam_k = _k_weights(handle, lam)
     subspaces = layer_subspaces(handle)
     ratios = []
     for layer in range(len(handle.attention_modules)):
@@ -162,6 +194,22 @@ def kkt_ratios(handle, stats: ProxStats) -> torch.Tensor:
     return torch.cat(ratios) if ratios else torch.empty(0)
 
 
+def _loss_shifts_labels(model) -> bool:
+    """Whether the Trainer counts ``num_items_in_batch`` over ``labels[..., 1:]`` for this model.
+
+    Mirrors ``transformers.Trainer``: labels are counted shifted when the model's ``loss_type`` maps to
+    ``ForCausalLMLoss`` (and the model is not encoder-decoder), unshifted otherwise. The micro-batch shares only add
+    up to one penalty when they count label tokens exactly as ``num_items_in_batch`` was counted.
+    """
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:  # pragma: no cover - transformers without the loss mapping
+        return bool(getattr(getattr(model, "config", None), "is_decoder", True))
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
+
+
 def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in_batch) -> None:
     """Loss mode: ``outputs.loss += coef * penalty * share``; ``outputs.localist_loss = penalty``.
 
@@ -172,9 +220,16 @@ def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in
     """
     cfg = handle.config
     pen = penalty(handle)
+    if not pen.requires_grad and bool(penalty_weights(handle).gt(0).any()):
+        warnings.warn(
+            "hf_localist: penalty='loss' but no penalised Q/K weight requires grad (frozen weights, e.g. peft/LoRA "
+            "adapters: the penalty reads the base projection weights), so the penalty term has no effect on training",
+            UserWarning, stacklevel=3,
+        )
     share = 1.0
     if num_items_in_batch is not None and labels is not None:
-        n_micro = (labels[..., 1:] != -100).sum() if labels.dim() > 1 else (labels != -100).sum()
+        counted = labels[..., 1:] if labels.dim() > 1 and _loss_shifts_labels(handle.base) else labels
+        n_micro = (counted != -100).sum()
         total = num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
         share = n_micro.to(pen.device).float() / total
     out["localist_loss"] = pen.detach()

@@ -45,27 +45,45 @@ def qk_head_weights(handle, layer: int, grad: bool = False):
     spec = handle.spec
     module = handle.attention_modules[layer]
     h, h_kv, d = head_counts(handle)
+    if spec.layout not in ("linear", "conv1d_fused", "fused_qkv", "neox_interleaved"):
+        raise UnsupportedArchitectureError(f"no Q/K layout {spec.layout!r} for model_type={spec.model_type!r}")
     if spec.layout == "linear":
         wq, wk = _weight(module, spec.q_proj, grad), _weight(module, spec.k_proj, grad)
         if wq is None or wk is None:
             return None, None
+        if wq.dim() != 2 or wq.shape[0] != h * d:
+            raise _layout_error(spec, spec.q_proj, wq, f"(H*D, E) = ({h * d}, E)")
+        if wk.dim() != 2 or wk.shape[0] != h_kv * d:
+            raise _layout_error(spec, spec.k_proj, wk, f"(H_kv*D, E) = ({h_kv * d}, E)")
         return wq.view(h, d, wq.shape[1]), wk.view(h_kv, d, wk.shape[1])
     w = _weight(module, spec.q_proj, grad)
     if w is None:
         return None, None
     if spec.layout == "conv1d_fused":
         e = w.shape[0]  # Conv1D stores (in, out): columns [Q | K | V], each E = H * D wide
+        if w.dim() != 2 or w.shape[1] < e + h_kv * d or h * d > e:
+            raise _layout_error(spec, spec.q_proj, w, f"(E, 3E) with E >= H*D = {h * d}")
         q = w[:, : h * d].t().view(h, d, e)
         k = w[:, e: e + h_kv * d].t().view(h_kv, d, e)
         return q, k
     if spec.layout == "fused_qkv":
+        if w.dim() != 2 or w.shape[0] < h * d + h_kv * d:
+            raise _layout_error(spec, spec.q_proj, w, f"at least H*D + H_kv*D = {h * d + h_kv * d} rows")
         e = w.shape[1]
         return w[: h * d].view(h, d, e), w[h * d: h * d + h_kv * d].view(h_kv, d, e)
-    if spec.layout == "neox_interleaved":
-        e = w.shape[1]
-        per_head = w.view(h, 3, d, e)  # rows grouped per head as [q_h | k_h | v_h]
-        return per_head[:, 0], per_head[:, 1]
-    raise UnsupportedArchitectureError(f"no Q/K layout {spec.layout!r} for model_type={spec.model_type!r}")
+    # neox_interleaved
+    if w.dim() != 2 or w.shape[0] != 3 * h * d:
+        raise _layout_error(spec, spec.q_proj, w, f"3*H*D = {3 * h * d} rows grouped per head as (H, 3, D)")
+    e = w.shape[1]
+    per_head = w.view(h, 3, d, e)  # rows grouped per head as [q_h | k_h | v_h]
+    return per_head[:, 0], per_head[:, 1]
+
+
+def _layout_error(spec, name: str, weight: torch.Tensor, expected: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"model_type={spec.model_type!r}: {name}.weight has shape {tuple(weight.shape)} but layout={spec.layout!r} "
+        f"needs {expected}: check the register_localist_arch entry (layout, projection names, head-count attributes)"
+    )
 
 
 def kv_head_of(num_heads: int, num_kv_heads: int) -> torch.Tensor:

@@ -55,14 +55,26 @@ def coordinate_subspaces(hidden: int, n_active: int, rank: int | None = None) ->
     return torch.stack([eye[:, (j + 1) * r: (j + 2) * r] for j in range(n_active)])
 
 
-def orthogonalise(bases: list[torch.Tensor]) -> torch.Tensor:
-    """Make the subspaces mutually orthogonal: each basis loses its components in the earlier ones, then QR."""
+def orthogonalise(bases: list[torch.Tensor], tol: float = 1e-4) -> torch.Tensor:
+    """Make the subspaces mutually orthogonal: each basis loses its components in the earlier ones.
+
+    The rest is re-orthonormalised through its left singular vectors (same span as a QR of it). Directions that
+    (nearly) vanish because the basis overlapped the earlier subspaces (singular value below ``tol``; few tokens,
+    or directions shared by every block) are replaced by directions of the orthogonal complement of everything
+    taken so far, so every basis keeps its rank and ``U_i^T U_j = 0`` holds to rounding.
+    """
     out: list[torch.Tensor] = []
     for u in bases:
-        for prev in out:
-            u = u - prev @ (prev.T @ u)
-        q, _ = torch.linalg.qr(u)
-        out.append(q)
+        e, r = u.shape
+        taken = torch.cat(out, dim=1) if out else u.new_zeros(e, 0)
+        for _ in range(2):  # twice: re-orthogonalisation keeps the rounding error at machine precision
+            u = u - taken @ (taken.T @ u)
+        left, sv, _ = torch.linalg.svd(u, full_matrices=False)
+        q = left[:, sv > tol]
+        if q.shape[1] < r:
+            complete, _ = torch.linalg.qr(torch.cat([taken, q], dim=1), mode="complete")
+            q = torch.cat([q, complete[:, taken.shape[1] + q.shape[1]:][:, : r - q.shape[1]]], dim=1)
+        out.append(q[:, :r])
     return torch.stack(out)
 
 
@@ -147,7 +159,8 @@ def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_b
                 )
             xb = xb - xb.mean(dim=0, keepdim=True)
             # Right singular vectors = principal directions of the centred inputs; pad if fewer tokens than r.
-            _, _, vh = torch.linalg.svd(xb, full_matrices=True)
+            # full_matrices only when there are fewer tokens than r: it would build a (tokens x tokens) U otherwise.
+            _, _, vh = torch.linalg.svd(xb, full_matrices=xb.shape[0] < r)
             bases.append(vh[:r].T.contiguous())  # (E, r)
         per_layer.append(orthogonalise(bases))
     subspaces = torch.stack(per_layer)
@@ -167,5 +180,10 @@ def layer_subspaces(handle) -> torch.Tensor:
             "LocalistConfig.subspace='pca' needs calibrated subspaces: call calibrate_subspaces(handle, loader) first"
         )
     hidden = qk_head_weights(handle, 0)[0].shape[-1]
-    basis = coordinate_subspaces(hidden, n_active, cfg.subspace_rank)
-    return basis.unsqueeze(0).expand(len(handle.attention_modules), *basis.shape)
+    key = (hidden, n_active, cfg.subspace_rank, len(handle.attention_modules))
+    cached = handle.__dict__.get("_coordinate_subspaces")
+    if cached is None or cached[0] != key:
+        basis = coordinate_subspaces(hidden, n_active, cfg.subspace_rank)
+        cached = (key, basis.unsqueeze(0).expand(len(handle.attention_modules), *basis.shape))
+        handle._coordinate_subspaces = cached  # derived from the config: rebuilt when the key changes
+    return cached[1]

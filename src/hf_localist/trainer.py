@@ -1,0 +1,209 @@
+"""``LocalistCallback`` and ``LocalistTrainer``: the penalties and locality metrics inside transformers' Trainer.
+
+``LocalistCallback`` works with any ``Trainer`` (also TRL's ``SFTTrainer``):
+
+- ``penalty='prox'``: after every optimizer step (``on_optimizer_step``, where the learning rate just used is
+  still in ``optimizer.param_groups``) it applies the proximal step, which makes whole groups exactly zero;
+- every ``log_every`` steps it measures, on a fixed diagnostics batch (the first training batch), the group-norm
+  statistics, the number of zero groups, the KKT ratios ``||grad_g L_data|| / lambda_g`` of the zero groups
+  (one extra forward/backward of the data loss alone, unclipped), and mean ``H_t``, ``PF_t``, ``BM_t``; the
+  values go into the Trainer's logs (``localist/...`` keys), so TensorBoard, W&B and the progress bar show them;
+- its counters are an ``ExportableState``: they survive ``resume_from_checkpoint`` when
+  ``restore_callback_states_from_checkpoint=True`` (``LocalistTrainer`` turns that on).
+
+``penalty='loss'`` needs no callback: the patched forward adds the penalty to ``outputs.loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .errors import LocalistStateError
+from .penalty import group_norms, kkt_ratios, penalty_weights, prox_step
+from .persistence import load_localist_state, save_localist_state
+
+
+def localist_handle_of(model) -> Any:
+    """The LocalistHandle of a (possibly DDP-, accelerate- or peft-wrapped) patched model."""
+    seen = model
+    for _ in range(4):
+        handle = getattr(seen, "localist_handle", None)
+        if handle is not None and hasattr(handle, "state"):
+            return handle
+        if hasattr(seen, "get_base_model"):
+            seen = seen.get_base_model()
+        elif hasattr(seen, "module"):
+            seen = seen.module
+        else:
+            break
+    raise LocalistStateError(
+        f"{type(model).__name__} is not localist: call hf_localist.apply_localist(model, config) before training"
+    )
+
+
+class LocalistCallback(TrainerCallback, ExportableState):
+    """Applies the proximal step and logs locality metrics. Constructor arguments are JSON-able (for resume)."""
+
+    def __init__(self, log_every: int = 50, kkt: bool = True, diagnostics: bool = True) -> None:
+        if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
+            from .errors import LocalistConfigError
+
+            raise LocalistConfigError(f"LocalistCallback(log_every={log_every!r}): expected an integer >= 1")
+        self.log_every = log_every
+        self.kkt = kkt
+        self.diagnostics = diagnostics
+        self.prox_steps = 0
+        self.metric_steps = 0
+        self.last_metrics: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
+        self._batch = None
+
+    # ------------------------------------------------------------------ ExportableState
+    def state(self) -> dict:
+        return {
+            "args": {"log_every": self.log_every, "kkt": self.kkt, "diagnostics": self.diagnostics},
+            "attributes": {"prox_steps": self.prox_steps, "metric_steps": self.metric_steps,
+                           "last_metrics": self.last_metrics},
+        }
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_begin(self, args, state, control, **kwargs):
+        # LocalistTrainer built with a fractional logging_steps (a ratio of the total steps): use the step count the
+        # Trainer derived from it, known only now (state.logging_steps), instead of measuring at every step.
+        if getattr(self, "_follow_logging_steps", False) and state.logging_steps:
+            self.log_every = max(int(state.logging_steps), 1)
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        handle = localist_handle_of(model)
+        if handle.config.penalty != "prox":
+            return
+        lr = float(optimizer.param_groups[0]["lr"])
+        prox_step(handle, lr)
+        self.prox_steps += 1
+
+    def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if state.global_step % self.log_every != 0:
+            return
+        handle = localist_handle_of(model)
+        if self._batch is None and train_dataloader is not None:
+            self._batch = next(iter(train_dataloader))
+        self._pending = self.measure(handle, model, self._batch)
+        self.last_metrics = dict(self._pending)
+        self.metric_steps += 1
+        control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending:
+            return
+        if logs is not None:
+            logs.update(self._pending)
+        if state.log_history:
+            state.log_history[-1].update(self._pending)
+        self._pending = {}
+
+    # ------------------------------------------------------------------ measurements
+    def measure(self, handle, model, batch: dict | None) -> dict[str, float]:
+        """Group-norm statistics, zero groups, KKT ratios and mean H/PF/BM, as ``localist/...`` floats."""
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            norms = group_norms(handle)
+            lam = penalty_weights(handle)
+        pen_q = lam > 0
+        q = norms.q.detach().cpu()[pen_q]
+        if q.numel():
+            out["localist/group_norm_mean"] = float(q.mean())
+            out["localist/group_norm_max"] = float(q.max())
+            out["localist/zero_groups_q"] = float((q == 0).sum())
+        own = norms.q.detach().cpu()[~pen_q]
+        if own.numel():
+            out["localist/own_group_norm_mean"] = float(own.mean())
+        stats = handle.state.last_prox
+        if stats is not None:
+            out["localist/zero_groups"] = float(stats.num_zero)
+            out["localist/penalised_groups"] = float(stats.num_penalised)
+        if batch is None:
+            return out
+        device = next(handle.base.parameters()).device
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        was_training = model.training
+        model.eval()
+        try:
+            if self.diagnostics:
+                with torch.no_grad(), handle.record() as rec:
+                    model(**batch)
+                for name, value in rec.summary()["mean"].items():
+                    if not math.isnan(value):
+                        out[f"localist/{name}"] = value
+            if self.kkt and stats is not None and stats.num_zero and "labels" in batch:
+                # Data loss alone (no penalty term), unclipped, at the current (post-prox) weights.
+                penalty_mode = handle.config.penalty
+                object.__setattr__(handle.config, "penalty", "none")
+                try:
+                    model.zero_grad(set_to_none=True)
+                    model(**batch).loss.backward()
+                    ratios = kkt_ratios(handle, stats)
+                finally:
+                    object.__setattr__(handle.config, "penalty", penalty_mode)
+                    model.zero_grad(set_to_none=True)
+                if ratios.numel():
+                    out["localist/kkt_ratio_max"] = float(ratios.max())
+                    out["localist/kkt_ratio_mean"] = float(ratios.mean())
+                    out["localist/kkt_holds_fraction"] = float((ratios <= 1.0).float().mean())
+        finally:
+            model.train(was_training)
+        return out
+
+
+class LocalistTrainer(Trainer):
+    """A ``Trainer`` for localist models: adds ``LocalistCallback`` first in the callback list (so the reporting
+    callbacks see its metrics), restores callback counters on resume, and reloads the localist state tensors
+    (calibrated subspaces, threshold lambdas) from checkpoints.
+    """
+
+    def __init__(self, *args: Any, localist_log_every: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        localist_handle_of(self.model)  # fail early, with a clear message, on an unpatched model
+        self.args.restore_callback_states_from_checkpoint = True
+        existing = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LocalistCallback)]
+        if not existing:
+            steps = self.args.logging_steps
+            # logging_steps in (0, 1) is a ratio of the total steps, resolved by the Trainer at train start.
+            fractional = localist_log_every is None and bool(steps) and steps < 1
+            log_every = localist_log_every or (int(steps) if steps and steps >= 1 else 50)
+            callback = LocalistCallback(log_every=log_every)
+            callback._follow_logging_steps = fractional
+            self.callback_handler.callbacks.insert(0, callback)
+        else:
+            self._localist_first()
+
+    def _localist_first(self) -> None:
+        """Put the LocalistCallback(s) first, so the reporting callbacks see the metrics it adds to the logs."""
+        callbacks = self.callback_handler.callbacks
+        ours = [cb for cb in callbacks if isinstance(cb, LocalistCallback)]
+        callbacks[:] = ours + [cb for cb in callbacks if not isinstance(cb, LocalistCallback)]
+
+    @property
+    def localist_callback(self) -> LocalistCallback:
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, LocalistCallback))
+
+    def _load_callback_state(self) -> None:
+        # transformers rebuilds restored callbacks and appends them at the end of the list: put the
+        # LocalistCallback first again, so the reporting callbacks keep seeing its metrics after a resume.
+        super()._load_callback_state()
+        self._localist_first()
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # A peft model saves through PeftModel.save_pretrained, which never reaches the patched base model's
+        # save_pretrained: write the localist state tensors (calibrated subspaces, thresholds) here too.
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            save_localist_state(localist_handle_of(self.model), output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_localist_state(localist_handle_of(model if model is not None else self.model), resume_from_checkpoint)
