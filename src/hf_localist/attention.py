@@ -35,6 +35,7 @@ class CallContext:
     anchors: torch.Tensor  # (B, L) bool
     sink: torch.Tensor  # (B,) position of the first non-padding token
     query_valid: torch.Tensor  # (B, L) bool: not padding
+    centroid_from: int | None = None  # centroid mode: first position whose block the layer-l0 hook assigns
 
 
 @dataclass
@@ -50,6 +51,9 @@ class LocalistState:
     backend_counts: dict[str, int] = field(default_factory=dict)  # which backend ran, for tests and benchmarks
     generating: int = 0  # depth of generate() calls in progress: block_ids given to generate() are the prompt's
     subspaces: torch.Tensor | None = None  # (L, n_active, E, r) calibrated block subspaces (pca)
+    centroids: torch.Tensor | None = None  # (max_blocks + 1, E) block centroids (centroid assignment, recruitment)
+    block_enabled: torch.Tensor | None = None  # (max_blocks + 1,) bool: a disabled block takes no token
+    block_info: dict = field(default_factory=dict)  # slot -> recruitment record (step, size, dL, ...)
     lambda_threshold: torch.Tensor | None = None  # (L, H, n_active) from estimate_constants(...).threshold()
     last_prox: Any = None  # ProxStats of the latest proximal step
     # Callables probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out) run after each

@@ -28,7 +28,7 @@ MODEL_CONFIG_KEY = "localist"
 
 SCHEDULES = ("uniform", "progressive")
 BACKENDS = ("auto", "dense", "segment", "flex")
-BLOCK_ASSIGNMENTS = ("segment", "explicit")
+BLOCK_ASSIGNMENTS = ("segment", "explicit", "centroid")
 PENALTIES = ("none", "loss", "prox")
 LAMBDA_MODES = ("fixed", "threshold")
 SUBSPACES = ("coordinate", "pca")
@@ -99,6 +99,15 @@ class LocalistConfig(PushToHubMixin):
     )
     general_token_id: int | None = field(
         default=None, metadata=_help("Token id of <blk_general>, which returns to block 0 (segment assignment).")
+    )
+    assign_threshold: float = field(
+        default=0.5,
+        metadata=_help("Centroid assignment: a position joins the nearest enabled block when the cosine similarity of its "
+                       "hidden state (input of layer first_local_layer) to that block's centroid is >= this, in [-1, 1]."),
+    )
+    recruitment: Any = field(
+        default=None,
+        metadata=_help("Block recruitment settings (a RecruitmentConfig or its dict); None disables recruitment."),
     )
     flex_compile: bool = field(
         default=True,
@@ -177,6 +186,22 @@ class LocalistConfig(PushToHubMixin):
         def bad(why: str) -> LocalistConfigError:
             return LocalistConfigError(f"LocalistConfig.{name}={value!r} is invalid: {why}")
 
+        if name == "recruitment":
+            if value is None:
+                return value
+            from .recruitment_config import RecruitmentConfig
+
+            if isinstance(value, dict):
+                value = RecruitmentConfig.from_dict(value)
+            if not isinstance(value, RecruitmentConfig):
+                raise bad("expected a RecruitmentConfig, its dict, or None")
+            object.__setattr__(self, name, value)
+            return value
+        if name == "assign_threshold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
+                raise bad("expected a cosine similarity in [-1, 1]")
+            object.__setattr__(self, name, float(value))
+            return float(value)
         if name in ("alpha", "beta_anchor", "schedule_power", "penalty_lambda", "alpha_train", "kappa",
                     "localist_loss_coef", "general_head_fraction"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -307,7 +332,10 @@ class LocalistConfig(PushToHubMixin):
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out.get("recruitment") is not None:
+            out["recruitment"] = out["recruitment"].to_dict()
+        return out
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -24,7 +24,9 @@ from .attention import ATTENTION_KEY, CallContext, LocalistState, register_atten
 from .blocks import anchor_flags, segment_block_ids, validate_block_ids
 from .config import MODEL_CONFIG_KEY, LocalistConfig
 from .errors import BlockIdsError, LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
+from .centroid import make_centroid_hook
 from .persistence import save_localist_state
+from .qk import projection_module
 from .recorder import DiagnosticsRecorder
 from .registry import ArchSpec, get_arch_spec, supported_architectures
 from .utils import move_tree_contents
@@ -99,6 +101,21 @@ class LocalistHandle:
         finally:
             self.state.recorder = previous
 
+    # ------------------------------------------------------------------ blocks
+    def blocks(self) -> list[dict]:
+        """Active blocks: slot, name, anchor, centroid, enabled, and how and when each was recruited."""
+        from .centroid import describe_blocks
+
+        return describe_blocks(self)
+
+    def activate_block(self, slot: int, centroid: torch.Tensor | None = None, subspace: torch.Tensor | None = None,
+                       enabled: bool = True, info: dict | None = None) -> None:
+        """Activate a dormant slot (buffers only: no parameter changes shape). See centroid.activate_block."""
+        self._check_active()
+        from .centroid import activate_block
+
+        activate_block(self, slot, centroid, subspace, enabled, info)
+
     # ------------------------------------------------------------------ undo
     def revert(self) -> nn.Module:
         """Restore the exact original model: attention implementation, forward, save_pretrained, config."""
@@ -110,6 +127,8 @@ class LocalistHandle:
                     delattr(module, attr)
         for attr in ("forward", "generate", "save_pretrained", "localist_handle"):
             base.__dict__.pop(attr, None)
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
         base.set_attn_implementation(self._original_impl)
         if self._previous_config_entry is _MISSING:
             if MODEL_CONFIG_KEY in base.config.__dict__:
@@ -175,6 +194,12 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     previous = base.config.__dict__.get(MODEL_CONFIG_KEY, _MISSING)
     handle = LocalistHandle(model, base, spec, state, modules, original_impl, previous)
     setattr(base.config, MODEL_CONFIG_KEY, config.to_dict())
+    # Centroid assignment reads the input of layer l0's Q projection (see centroid.py); one hook per layer, each
+    # active only while its layer is the current first_local_layer.
+    handle._hooks = [
+        projection_module(m, spec.q_proj).register_forward_pre_hook(_layer_hook(state, i, make_centroid_hook(state)))
+        for i, m in enumerate(modules)
+    ]
     base.forward = _wrap_forward(base, state)
     base.save_pretrained = _wrap_save(base, state)
     if callable(getattr(base, "generate", None)):
@@ -262,6 +287,7 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
     total = past_len + new_len
 
     full = None
+    centroid_from = None
     known = prev  # block ids of the first positions, before those computed below
     if block_ids is not None and state.generating and isinstance(block_ids, torch.Tensor) and block_ids.dim() == 2 \
             and 0 < block_ids.shape[1] < total:
@@ -299,7 +325,11 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
         k = known.shape[1] if known is not None else 0  # positions [k, total) are laid out here
         last = known[:, -1].to(device) if k > 0 else torch.zeros(batch, dtype=torch.long, device=device)
         rest = total - k
-        if cfg.block_assignment == "segment":
+        if cfg.block_assignment == "centroid":
+            # Placeholder: the layer-l0 hook assigns positions [k, total) from their hidden states.
+            new = torch.zeros(batch, rest, dtype=torch.long, device=device)
+            centroid_from = k
+        elif cfg.block_assignment == "segment":
             if input_ids is None:
                 raise BlockIdsError("block_assignment='segment' reads anchor tokens from input_ids: pass input_ids or block_ids")
             new = segment_block_ids(input_ids[:, new_len - rest:], cfg.anchor_token_ids, cfg.general_token_id,
@@ -333,7 +363,17 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
         valid = torch.ones(batch, total, dtype=torch.bool, device=device)
         sink = getattr(cache, "_localist_sink", None) if past_len else None
         sink = sink.to(device) if sink is not None and sink.shape[0] == batch else torch.zeros(batch, dtype=torch.long, device=device)
-    return CallContext(block_ids=full, target_ids=target, anchors=anchor_flags(full), sink=sink, query_valid=valid)
+    return CallContext(block_ids=full, target_ids=target, anchors=anchor_flags(full), sink=sink, query_valid=valid,
+                       centroid_from=centroid_from)
+
+
+def _layer_hook(state: LocalistState, layer: int, hook):
+    def run(module, args):
+        if layer == state.config.first_local_layer:
+            return hook(module, args)
+        return None
+
+    return run
 
 
 def _track_cache(cache: Any) -> None:

@@ -6,6 +6,7 @@ go to ``localist_state.safetensors`` (safetensors only: no pickle on load), writ
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -13,15 +14,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LocalistLoadError
+from .utils import atomic_write_text
 
 STATE_FILE = "localist_state.safetensors"
-_TENSORS = ("subspaces", "lambda_threshold")
+_TENSORS = ("subspaces", "lambda_threshold", "centroids", "block_enabled")
+_PER_LAYER = ("subspaces", "lambda_threshold")  # first dimension = attention layers
+_PER_SLOT = ("centroids", "block_enabled")  # first dimension = max_blocks + 1
+BLOCKS_FILE = "localist_blocks.json"
 
 
 def save_localist_state(handle, directory: str) -> str | None:
     """Write the state tensors of ``handle`` into ``directory``; returns the path, or None when there are none."""
     tensors = {name: getattr(handle.state, name).detach().cpu().contiguous()
                for name in _TENSORS if getattr(handle.state, name, None) is not None}
+    if "block_enabled" in tensors:
+        tensors["block_enabled"] = tensors["block_enabled"].to(torch.uint8)  # safetensors stores bool, but be explicit
+    if handle.state.block_info:
+        atomic_write_text(os.path.join(directory, BLOCKS_FILE),
+                          json.dumps({str(k): v for k, v in handle.state.block_info.items()}, indent=2, default=float))
     if not tensors:
         return None
     path = os.path.join(directory, STATE_FILE)
@@ -44,10 +54,19 @@ def load_localist_state(handle, directory: str) -> bool:
     if unknown:
         raise LocalistLoadError(f"{path!r} holds unknown tensors {unknown}; expected a subset of {list(_TENSORS)}")
     n_layers = len(handle.attention_modules)
+    n_slots = handle.config.max_blocks + 1
     for name, value in tensors.items():
-        if value.dim() < 1 or value.shape[0] != n_layers:
+        expected, what = (n_layers, "attention layers") if name in _PER_LAYER else (n_slots, "block slots (max_blocks + 1)")
+        if value.dim() < 1 or value.shape[0] != expected:
             raise LocalistLoadError(
-                f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {n_layers} attention layers"
+                f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {expected} {what}"
             )
-        setattr(handle.state, name, value.to(torch.float32))
+        setattr(handle.state, name, value.bool() if name == "block_enabled" else value.to(torch.float32))
+    blocks_path = os.path.join(os.fspath(directory), BLOCKS_FILE)
+    if os.path.isfile(blocks_path):
+        try:
+            with open(blocks_path, encoding="utf-8") as fh:
+                handle.state.block_info = {int(k): v for k, v in json.load(fh).items()}
+        except (ValueError, OSError) as e:
+            raise LocalistLoadError(f"{blocks_path!r} is corrupt ({e}): re-save the model") from e
     return True

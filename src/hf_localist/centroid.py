@@ -1,0 +1,118 @@
+"""Centroid block assignment (DESIGN.md section 2) and block slots.
+
+In ``block_assignment='centroid'`` mode a position joins the enabled active block whose centroid is nearest (by
+cosine similarity) to its hidden state at the input of layer ``l0 = first_local_layer`` (the input of that layer's
+Q projection), if the similarity is at least ``assign_threshold``; otherwise it stays in block 0. The ids are
+computed by a forward pre-hook on that projection, during the forward pass, and written into the call's layout
+before any localised layer reads it (layers below ``l0`` are never biased).
+
+Slots: ``state.centroids`` (max_blocks + 1, E) and ``state.block_enabled`` (max_blocks + 1,) are buffers of fixed
+shape: recruiting a block writes into them and adds the slot to ``config.active_blocks``; no parameter changes
+shape. A block activated with ``enabled=False`` takes no token, so the model's outputs are unchanged until it is
+enabled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocks import anchor_flags
+from .errors import LocalistConfigError, LocalistStateError
+
+
+def centroid_block_ids(x: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, T, E) hidden states -> (B, T) block ids among ``candidates`` (slots), 0 below ``threshold``."""
+    if candidates.numel() == 0:
+        return torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+    c = torch.nn.functional.normalize(centroids[candidates].to(x.device, torch.float32), dim=-1)  # (n, E)
+    sims = torch.nn.functional.normalize(x.float(), dim=-1) @ c.T  # (B, T, n)
+    best, idx = sims.max(dim=-1)
+    ids = candidates.to(x.device)[idx]
+    return torch.where(best >= threshold, ids, torch.zeros_like(ids))
+
+
+def candidate_slots(state) -> torch.Tensor:
+    """Active, enabled slots that have a centroid."""
+    active = [s for s in state.config.active_block_list() if s <= state.config.max_blocks]
+    if state.centroids is None or not active:
+        return torch.zeros(0, dtype=torch.long)
+    slots = torch.tensor(active, dtype=torch.long)
+    ok = state.block_enabled[slots] & (state.centroids[slots].norm(dim=-1) > 0)
+    return slots[ok]
+
+
+def make_centroid_hook(state):
+    """Forward pre-hook for layer l0's Q projection: fills the block ids of the call's new positions."""
+
+    def hook(_module, args):
+        if state.config.block_assignment != "centroid" or state.ctx is None or state.ctx.centroid_from is None:
+            return None
+        x = args[0]  # (B, T, E): the new positions of this call
+        ctx = state.ctx
+        ids = centroid_block_ids(x.detach(), state.centroids, candidate_slots(state), state.config.assign_threshold)
+        full = ctx.block_ids.clone()
+        full[:, ctx.centroid_from:] = ids[:, ids.shape[1] - (full.shape[1] - ctx.centroid_from):]
+        own_target = ctx.target_ids is ctx.block_ids
+        ctx.block_ids = full
+        ctx.anchors = anchor_flags(full)
+        if own_target:
+            ctx.target_ids = full
+        return None
+
+    return hook
+
+
+def ensure_slots(state, hidden: int) -> None:
+    if state.centroids is None or state.centroids.shape[1] != hidden:
+        n = state.config.max_blocks + 1
+        state.centroids = torch.zeros(n, hidden)
+        state.block_enabled = torch.ones(n, dtype=torch.bool)
+
+
+def activate_block(handle, slot: int, centroid: torch.Tensor | None = None, subspace: torch.Tensor | None = None,
+                   enabled: bool = True, info: dict | None = None) -> None:
+    """Make ``slot`` an active block: centroid (E,), optional per-layer subspace basis (L, E, r), metadata."""
+    cfg = handle.config
+    state = handle.state
+    if not isinstance(slot, int) or not 1 <= slot <= cfg.max_blocks:
+        raise LocalistConfigError(f"activate_block: slot={slot!r} must be in 1..max_blocks={cfg.max_blocks}")
+    active = cfg.active_block_list()
+    if slot in active and slot in state.block_info:
+        raise LocalistStateError(f"activate_block: slot {slot} is already active")
+    if centroid is not None:
+        ensure_slots(state, int(centroid.shape[-1]))
+        state.centroids[slot] = centroid.detach().float().cpu()
+        state.block_enabled[slot] = bool(enabled)
+    new_active = sorted(set(active) | {slot})
+    if subspace is not None:
+        stored = state.subspaces
+        if stored is None:
+            raise LocalistStateError("activate_block with a subspace needs calibrated subspaces for the active blocks")
+        bases = {s: stored[:, i] for i, s in enumerate(active)}
+        bases[slot] = subspace.float()
+        state.subspaces = torch.stack([bases[s] for s in new_active], dim=1)
+    cfg.update(active_blocks=new_active)
+    state.block_info[slot] = dict(info or {})
+
+
+def set_block_enabled(handle, slot: int, enabled: bool) -> None:
+    state = handle.state
+    if state.block_enabled is None or slot not in handle.config.active_block_list():
+        raise LocalistStateError(f"slot {slot} is not an active block with a centroid")
+    state.block_enabled[slot] = bool(enabled)
+
+
+def describe_blocks(handle) -> list[dict]:
+    """Active blocks with their centroid, anchors, name, size and recruitment record."""
+    cfg = handle.config
+    state = handle.state
+    out = []
+    for slot in cfg.active_block_list():
+        row = {"slot": slot, "name": cfg.block_names[slot - 1] if slot - 1 < len(cfg.block_names) else None,
+               "anchor_token_id": cfg.anchor_token_ids[slot - 1] if slot - 1 < len(cfg.anchor_token_ids) else None}
+        if state.centroids is not None:
+            row["centroid"] = state.centroids[slot].clone()
+            row["enabled"] = bool(state.block_enabled[slot])
+        row.update(state.block_info.get(slot, {}))
+        out.append(row)
+    return out
