@@ -56,13 +56,17 @@ class DemoCommand(Command):
         parser.add_argument("--quick", action="store_true",
                             help="a shorter training budget (about a minute on 2 CPU cores instead of a few)")
         parser.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
+        parser.add_argument("--threads", type=int, default=1,
+                            help="torch CPU threads. The tiny model gains little from more than one, and on a busy "
+                                 "machine several OpenMP threads can make it many times slower")
         # Hidden: override the number of training steps (tests run the demo end to end in a few seconds).
         parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(self) -> int:
         from .demo import run_demo  # imported here so that `hf-localist --help` stays fast
 
-        run_demo(self.args.output_dir, quick=self.args.quick, seed=self.args.seed, steps=self.args.steps)
+        run_demo(self.args.output_dir, quick=self.args.quick, seed=self.args.seed, steps=self.args.steps,
+                 num_threads=self.args.threads)
         return 0
 
 
