@@ -19,7 +19,11 @@ from .errors import (
 )
 from .patch import LocalistHandle, apply_localist
 from .recorder import DiagnosticsRecorder
+from .recruitment import RecruitmentCallback, recruit
+from .recruitment_config import RecruitmentConfig
 from .registry import ArchSpec, get_arch_spec, register_localist_arch, supported_architectures
+from .router import LocalistRouterModel
+from .router_config import LocalistRouterConfig
 
 __version__ = "0.1.0"
 
@@ -36,13 +40,18 @@ __all__ = [
     "LocalistError",
     "LocalistHandle",
     "LocalistLoadError",
+    "LocalistRouterConfig",
+    "LocalistRouterModel",
     "LocalistStateError",
+    "RecruitmentCallback",
+    "RecruitmentConfig",
     "UnsupportedArchitectureError",
     "add_block_tokens",
     "anchor_token",
     "apply_localist",
     "get_arch_spec",
     "localist_attention",
+    "recruit",
     "register_localist_arch",
     "supported_architectures",
 ]

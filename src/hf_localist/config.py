@@ -358,8 +358,8 @@ class LocalistConfig(PushToHubMixin):
     def update(self, **fields: Any) -> None:
         """Change several fields at once, in place, validated together (e.g. block names with their ids)."""
         new = self.copy(**fields)
-        for k, v in new.to_dict().items():
-            object.__setattr__(self, k, v)
+        for k in self._field_names():  # the validated values (to_dict() would turn a RecruitmentConfig into a dict)
+            object.__setattr__(self, k, getattr(new, k))
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write ``localist_config.json`` into ``save_directory`` (atomically); optionally push it to the Hub."""

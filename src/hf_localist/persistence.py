@@ -1,7 +1,9 @@
 """Tensors of the localist state (calibrated subspaces, threshold lambdas) saved next to the model.
 
 Settings live in ``localist_config.json`` / ``config.json``; tensors that cannot be derived from the settings
-go to ``localist_state.safetensors`` (safetensors only: no pickle on load), written atomically.
+go to ``localist_state.safetensors`` (safetensors only: no pickle on load), written atomically. Block records
+(recruitment) go to ``localist_blocks.json``: ``{"active_blocks", "subspace_rank", "blocks": {slot: record}}``;
+loading it restores those two config fields too, so a checkpoint brings back which slots are blocks.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ def save_localist_state(handle, directory: str) -> str | None:
                for name in _TENSORS if getattr(handle.state, name, None) is not None}
     if "block_enabled" in tensors:
         tensors["block_enabled"] = tensors["block_enabled"].to(torch.uint8)  # safetensors stores bool, but be explicit
-    if handle.state.block_info:
-        atomic_write_text(os.path.join(directory, BLOCKS_FILE),
-                          json.dumps({str(k): v for k, v in handle.state.block_info.items()}, indent=2, default=float))
+    cfg = handle.config
+    if handle.state.block_info or getattr(cfg, "recruitment", None) is not None:
+        # Which slots are blocks is part of the model: a checkpoint resumed into a freshly built config gets them back.
+        record = {"active_blocks": cfg.active_blocks, "subspace_rank": cfg.subspace_rank,
+                  "blocks": {str(k): v for k, v in handle.state.block_info.items()}}
+        atomic_write_text(os.path.join(directory, BLOCKS_FILE), json.dumps(record, indent=2, default=float))
     if not tensors:
         return None
     path = os.path.join(directory, STATE_FILE)
@@ -66,7 +71,13 @@ def load_localist_state(handle, directory: str) -> bool:
     if os.path.isfile(blocks_path):
         try:
             with open(blocks_path, encoding="utf-8") as fh:
-                handle.state.block_info = {int(k): v for k, v in json.load(fh).items()}
-        except (ValueError, OSError) as e:
+                record = json.load(fh)
+            if "blocks" not in record:  # older files: {slot: info}
+                record = {"blocks": record}
+            handle.state.block_info = {int(k): v for k, v in record["blocks"].items()}
+            restored = {k: record[k] for k in ("active_blocks", "subspace_rank") if k in record}
+        except (ValueError, OSError, AttributeError, TypeError) as e:
             raise LocalistLoadError(f"{blocks_path!r} is corrupt ({e}): re-save the model") from e
+        if restored:
+            handle.config.update(**restored)
     return True

@@ -49,6 +49,16 @@ class RecruitmentConfig:
     diagnostic_batches: int = field(default=4, metadata=_help("Training batches scanned for confused tokens (>= 1)."))
     max_tokens: int = field(default=4096, metadata=_help("At most this many confused tokens are clustered (>= 2)."))
     seed: int = field(default=0, metadata=_help("Seed of clustering and budget sampling (a pass at step s uses seed + s)."))
+    min_silhouette: float = field(
+        default=0.1, metadata=_help("k = 1 rule: when the best silhouette over k = 2..k_max is below this (no cluster "
+                                    "structure), all confused tokens form one cluster; in [-1, 1].")
+    )
+    patience: int = field(
+        default=1, metadata=_help("Recruitment stops after this many consecutive passes that accept nothing (>= 1).")
+    )
+    heldout_batches: int = field(
+        default=0, metadata=_help("Score proposals on at most this many held-out batches (0 = all of them).")
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -64,7 +74,7 @@ class RecruitmentConfig:
             return LocalistConfigError(f"RecruitmentConfig.{name}={value!r} is invalid: {why}")
 
         ints = {"every": 1, "min_cluster_tokens": 2, "max_clusters": 1, "bits": 1, "budget_steps": 1,
-                "diagnostic_batches": 1, "max_tokens": 2, "seed": 0}
+                "diagnostic_batches": 1, "max_tokens": 2, "seed": 0, "patience": 1, "heldout_batches": 0}
         if name in ints:
             if isinstance(value, bool) or not isinstance(value, int) or value < ints[name]:
                 raise bad(f"expected an integer >= {ints[name]}")
@@ -81,6 +91,8 @@ class RecruitmentConfig:
             raise bad("must be > 0")
         if name == "replay_fraction" and not 0.0 <= value < 1.0:
             raise bad("must lie in [0, 1)")
+        if name == "min_silhouette" and not -1.0 <= value <= 1.0:
+            raise bad("a silhouette lies in [-1, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

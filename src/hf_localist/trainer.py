@@ -110,18 +110,19 @@ class LocalistCallback(TrainerCallback, ExportableState):
     def measure(self, handle, model, batch: dict | None) -> dict[str, float]:
         """Group-norm statistics, zero groups, KKT ratios and mean H/PF/BM, as ``localist/...`` floats."""
         out: dict[str, float] = {}
-        with torch.no_grad():
-            norms = group_norms(handle)
-            lam = penalty_weights(handle)
-        pen_q = lam > 0
-        q = norms.q.detach().cpu()[pen_q]
-        if q.numel():
-            out["localist/group_norm_mean"] = float(q.mean())
-            out["localist/group_norm_max"] = float(q.max())
-            out["localist/zero_groups_q"] = float((q == 0).sum())
-        own = norms.q.detach().cpu()[~pen_q]
-        if own.numel():
-            out["localist/own_group_norm_mean"] = float(own.mean())
+        if handle.config.active_block_list():  # no group to measure before the first block (e.g. recruitment)
+            with torch.no_grad():
+                norms = group_norms(handle)
+                lam = penalty_weights(handle)
+            pen_q = lam > 0
+            q = norms.q.detach().cpu()[pen_q]
+            if q.numel():
+                out["localist/group_norm_mean"] = float(q.mean())
+                out["localist/group_norm_max"] = float(q.max())
+                out["localist/zero_groups_q"] = float((q == 0).sum())
+            own = norms.q.detach().cpu()[~pen_q]
+            if own.numel():
+                out["localist/own_group_norm_mean"] = float(own.mean())
         stats = handle.state.last_prox
         if stats is not None:
             out["localist/zero_groups"] = float(stats.num_zero)
@@ -180,12 +181,28 @@ class LocalistTrainer(Trainer):
             self.callback_handler.callbacks.insert(0, callback)
         else:
             self._localist_first()
+        self._add_recruitment()
+
+    # ---- block recruitment (recruitment.py): added when LocalistConfig.recruitment is set
+    def _add_recruitment(self) -> None:
+        from .recruitment import RecruitmentCallback
+
+        ours = [cb for cb in self.callback_handler.callbacks if isinstance(cb, RecruitmentCallback)]
+        if not ours and localist_handle_of(self.model).config.recruitment is not None:
+            ours = [RecruitmentCallback()]
+            self.callback_handler.add_callback(ours[0])
+        for cb in ours:
+            cb.bind(self)  # held-out batches come from this Trainer's eval dataloader
+        self._localist_first()
 
     def _localist_first(self) -> None:
-        """Put the LocalistCallback(s) first, so the reporting callbacks see the metrics it adds to the logs."""
+        """Put the LocalistCallback(s), then any RecruitmentCallback, first: the reporting callbacks see their metrics."""
+        from .recruitment import RecruitmentCallback
+
         callbacks = self.callback_handler.callbacks
         ours = [cb for cb in callbacks if isinstance(cb, LocalistCallback)]
-        callbacks[:] = ours + [cb for cb in callbacks if not isinstance(cb, LocalistCallback)]
+        ours += [cb for cb in callbacks if isinstance(cb, RecruitmentCallback)]
+        callbacks[:] = ours + [cb for cb in callbacks if not any(cb is o for o in ours)]
 
     @property
     def localist_callback(self) -> LocalistCallback:
@@ -196,6 +213,7 @@ class LocalistTrainer(Trainer):
         # LocalistCallback first again, so the reporting callbacks keep seeing its metrics after a resume.
         super()._load_callback_state()
         self._localist_first()
+        self._add_recruitment()  # restored callbacks are rebuilt from their JSON args: bind them again
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # A peft model saves through PeftModel.save_pretrained, which never reaches the patched base model's

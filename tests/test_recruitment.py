@@ -1,0 +1,454 @@
+"""Tests for block recruitment (recruitment.py, DESIGN.md section 6).
+
+The synthetic language: K clusters, each with its own V = 16 tokens (``3 + c * V + j``). A sequence is BOS then
+segments of one random cluster (a new segment starts with probability q = 0.2); a segment's first token has a
+uniform index j, the following ones the sequence's favourite index of that cluster with probability 0.9. So the
+next token of a cluster-c query depends on which index was frequent among the *earlier cluster-c tokens*, and the
+other clusters' tokens are distractors.
+
+The model: a tiny Llama (hidden 32, 2 layers, 4 heads) whose attention is content-blind (Q/K weights fixed at zero:
+every query attends uniformly), with frozen, tied embeddings ``e_c + 0.5 f_j`` (a cluster direction plus an index
+direction shared by all clusters). Uniform attention over all tokens mixes the clusters' favourites in the shared
+index directions; only a block (alpha = 1 at layer 1, first_local_layer = 1) can restrict a query to its cluster.
+Hidden states at the input of layer 1 separate by cluster (the cluster direction dominates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+import hf_localist as hl
+from hf_localist.centroid import set_block_enabled
+from hf_localist.errors import LocalistConfigError
+from hf_localist.recorder import DiagnosticsRecorder
+from hf_localist.recruitment import LOG_FILE, RecruitmentCallback, prepare, recruit
+from hf_localist.recruitment_ops import code_length, count_params
+from hf_localist.trainer import LocalistTrainer
+
+from conftest import build_model, random_ids
+
+BOS, V, T = 1, 16, 64
+
+
+# ---------------------------------------------------------------------------------- the synthetic task
+def synthetic(n: int, k: int, seed: int, q: float = 0.2, p_fav: float = 0.9, clusters: list[int] | None = None):
+    """(ids (n, T), true cluster of every position (-1 for BOS)). ``clusters`` restricts the clusters used."""
+    g = torch.Generator().manual_seed(seed)
+    fav = torch.randint(0, V, (n, k), generator=g)
+    new = torch.rand(n, T, generator=g) < q
+    new[:, :2] = True
+    seg = new.long().cumsum(1)
+    pool = torch.tensor(clusters if clusters is not None else list(range(k)))
+    clus = pool[torch.randint(0, len(pool), (n, T + 1), generator=g)].gather(1, seg)
+    use_fav = (torch.rand(n, T, generator=g) < p_fav) & ~new
+    j = torch.where(use_fav, fav.gather(1, clus), torch.randint(0, V, (n, T), generator=g))
+    ids = 3 + clus * V + j
+    ids[:, 0], clus[:, 0] = BOS, -1
+    return ids, clus
+
+
+def blind_llama(k: int, seed: int = 0) -> LlamaForCausalLM:
+    hidden = 32
+    cfg = LlamaConfig(vocab_size=3 + k * V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
+                      pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    e = F.normalize(torch.randn(k, hidden, generator=g), dim=-1)
+    f = F.normalize(torch.randn(V, hidden, generator=g), dim=-1)
+    frozen = [model.model.embed_tokens.weight]
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3:] = (e[:, None] + 0.5 * f[None]
+                                               + 0.05 * torch.randn(k, V, hidden, generator=g)).reshape(k * V, hidden)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.zero_()
+                frozen.append(proj.weight)
+    for p in frozen:
+        p.requires_grad_(False)
+    return model
+
+
+def localist(model, rcfg=None, **kw):
+    cfg = dict(alpha=1.0, first_local_layer=1, max_blocks=8, block_assignment="centroid", assign_threshold=0.3,
+               active_blocks=[], recruitment=rcfg)
+    cfg.update(kw)
+    return hl.apply_localist(model, hl.LocalistConfig(**cfg))
+
+
+def rconfig(**kw) -> hl.RecruitmentConfig:
+    """The settings of the synthetic runs (docs/recruitment.md)."""
+    base = dict(every=200, epsilon=0.2, theta_block=50.0, theta_H=0.1, min_cluster_tokens=64, code_length="bic",
+                budget_steps=60, budget_lr=3e-3, replay_fraction=0.5, diagnostic_batches=4, max_tokens=2048)
+    base.update(kw)
+    return hl.RecruitmentConfig(**base)
+
+
+def batches(ids: torch.Tensor, size: int) -> list[dict]:
+    return [{"input_ids": ids[i:i + size], "labels": ids[i:i + size]} for i in range(0, len(ids), size)]
+
+
+def heldout_nll(model, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return sum(float(model(input_ids=b["input_ids"], labels=b["labels"]).loss) * b["input_ids"][:, 1:].numel()
+                   for b in batches(ids, 64))
+
+
+def purities(handle, ids: torch.Tensor, clus: torch.Tensor) -> dict[int, float]:
+    """Per block: share of its (non-BOS) held-out tokens from its majority true cluster."""
+    with torch.no_grad():
+        handle.model(input_ids=ids)
+    blocks = handle.state.ctx.block_ids
+    out = {}
+    for slot in handle.config.active_block_list():
+        mine = (blocks == slot) & (clus >= 0)
+        if mine.any():
+            counts = torch.bincount(clus[mine])
+            out[slot] = float(counts.max() / counts.sum())
+    return out
+
+
+def train_plain(model, ids: torch.Tensor, steps: int, lr: float = 3e-3, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        x = ids[torch.randint(0, len(ids), (16,), generator=g)]
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained4():
+    """A blind Llama trained 200 steps on K = 4 clusters (no blocks), with its data."""
+    train, _ = synthetic(1024, 4, seed=1)
+    held, held_clus = synthetic(256, 4, seed=2)
+    model = blind_llama(4)
+    handle = localist(model)
+    train_plain(model, train, 200)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    handle.revert()
+    return {"state": state, "train": train, "held": held, "held_clus": held_clus}
+
+
+def fresh(trained, rcfg=None, **kw):
+    model = blind_llama(4)
+    model.load_state_dict(trained["state"])
+    return model.eval(), localist(model, rcfg, **kw)
+
+
+def accepted(decisions):
+    return [d for d in decisions if d["accepted"]]
+
+
+# ---------------------------------------------------------------------------------- the synthetic run, in the Trainer
+def _trainer(model, out, train, held, **kw):
+    args = TrainingArguments(output_dir=str(out), max_steps=400, per_device_train_batch_size=16,
+                             per_device_eval_batch_size=32, learning_rate=3e-3, lr_scheduler_type="constant",
+                             logging_steps=100, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                             seed=0, dataloader_num_workers=0, **kw)
+    return LocalistTrainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in train],
+                           eval_dataset=[{"input_ids": x, "labels": x} for x in held])
+
+
+@pytest.mark.slow
+def test_trainer_recruits_the_true_clusters(tmp_path):
+    k = 4
+    train, _ = synthetic(1024, k, seed=11)
+    held, held_clus = synthetic(256, k, seed=12)
+    # Reference: the same model, data and steps without recruitment.
+    base_model = blind_llama(k, seed=1)
+    localist(base_model)
+    _trainer(base_model, tmp_path / "base", train, held).train()
+    baseline = heldout_nll(base_model, held)
+
+    model = blind_llama(k, seed=1)
+    handle = localist(model, rconfig())
+    trainer = _trainer(model, tmp_path, train, held)
+    cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RecruitmentCallback))
+    params_before = [(id(p), tuple(p.shape)) for p in model.parameters()]
+    trainer.train()
+    assert [(id(p), tuple(p.shape)) for p in model.parameters()] == params_before  # buffers only, no new parameter
+    assert sorted(id(p) for g in trainer.optimizer.param_groups for p in g["params"]) == \
+        sorted(id(p) for p in model.parameters() if p.requires_grad)  # the optimizer's parameter list is intact
+
+    log = [json.loads(line) for line in open(tmp_path / LOG_FILE)]
+    assert log == cb.decisions and {d["step"] for d in log} == {200, 400}
+    p_max = log[0]["p_max"]
+    blocks = handle.blocks()
+    assert k - 1 <= len(blocks) <= k + 1 and len(blocks) <= p_max
+    assert cb.done and cb.stop_reason == "pass_accepted_nothing"  # the second pass only proposes duplicates
+    pur = purities(handle, held, held_clus)
+    assert len(pur) == len(blocks) and min(pur.values()) >= 0.9, pur
+    for row in blocks:  # when and why each block was recruited
+        assert row["enabled"] and row["recruited_at_step"] == 200 and row["dL_total"] <= -50.0
+        assert row["cluster_size"] >= 64 and "theta_block" in row["reason"] and row["centroid"].shape == (32,)
+    # The held-out NLL improves: against the run without recruitment, and against the same weights without blocks.
+    with_blocks = heldout_nll(model, held)
+    for slot in handle.config.active_block_list():
+        set_block_enabled(handle, slot, False)
+    without_blocks = heldout_nll(model, held)
+    for slot in handle.config.active_block_list():
+        set_block_enabled(handle, slot, True)
+    assert with_blocks < baseline - 100 and with_blocks < without_blocks - 100
+    logged = [e for e in trainer.state.log_history if "localist/recruit_pass" in e]
+    assert len(logged) == 2 and logged[0]["localist/recruit_nll_with"] < logged[0]["localist/recruit_nll_without"]
+    assert logged[0]["localist/recruit_accepted"] == len(blocks) and logged[1]["localist/recruit_done"] == 1.0
+    n_tokens = held[:, 1:].numel()
+    print(f"\nRECRUITMENT (Trainer, K={k}): blocks={len(blocks)} p_max={p_max} "
+          f"purity={[round(pur[s], 3) for s in sorted(pur)]} held-out NLL/token: no recruitment {baseline / n_tokens:.4f}"
+          f", recruited {with_blocks / n_tokens:.4f}, same weights blocks disabled {without_blocks / n_tokens:.4f} "
+          f"({n_tokens} tokens); pass 1 equal budgets: without {logged[0]['localist/recruit_nll_without'] / n_tokens:.4f}"
+          f", with {logged[0]['localist/recruit_nll_with'] / n_tokens:.4f}; decisions " + "; ".join(
+              f"step {d['step']} slot {d['slot']} n={d['cluster_size']} dL_data={d['dL_data']:.0f} "
+              f"dL_model={d['dL_model']:.0f} -> {d['reason']}" for d in log))
+
+    # save_pretrained / AutoLocalistModel bring the blocks back, with the same outputs.
+    out = str(tmp_path / "final")
+    trainer.save_model(out)
+    again = hl.AutoLocalistModel.from_pretrained(out)
+    ah = again.localist_handle
+    assert ah.config.active_block_list() == handle.config.active_block_list()
+    torch.testing.assert_close(ah.state.centroids, handle.state.centroids)
+    assert ah.state.block_info.keys() == handle.state.block_info.keys()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=held[:4]).logits, model(input_ids=held[:4]).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [3, 6])
+def test_recruit_standalone_finds_k_clusters(k):
+    train, _ = synthetic(1024, k, seed=20 + k)
+    held, held_clus = synthetic(256, k, seed=30 + k)
+    model = blind_llama(k, seed=k)
+    handle = localist(model)
+    train_plain(model, train, 200, seed=k)
+    before = heldout_nll(model, held)
+    decisions = recruit(model, batches(train[:512], 16), rconfig(), heldout=batches(held, 32))
+    n = len(handle.config.active_block_list())
+    assert k - 1 <= n <= k + 1 and n <= decisions[0]["p_max"]
+    assert min(purities(handle, held, held_clus).values()) >= 0.9
+    after = heldout_nll(model, held)
+    assert after < before
+    pur = purities(handle, held, held_clus)
+    print(f"\nRECRUITMENT (recruit(), K={k}): blocks={n} p_max={decisions[0]['p_max']} "
+          f"purity={[round(pur[s], 3) for s in sorted(pur)]} held-out NLL/token {before / held[:, 1:].numel():.4f} -> "
+          f"{after / held[:, 1:].numel():.4f}; passes={decisions[-1]['pass'] + 1}")
+    assert decisions[-1]["pass"] >= 1 and not any(d["accepted"] for d in decisions if d["pass"] == decisions[-1]["pass"])
+
+
+# ---------------------------------------------------------------------------------- thresholds and termination
+def test_theta_block_very_high_recruits_nothing_and_restores_the_model(trained4):
+    model, handle = fresh(trained4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decisions = recruit(model, batches(trained4["train"][:256], 16), rconfig(theta_block=1e9, budget_steps=10),
+                        heldout=batches(trained4["held"][:64], 32))
+    assert decisions and not accepted(decisions)
+    assert {d["reason"] for d in decisions} == {"no_gain"} and all(d["dL_total"] > -1e9 for d in decisions)
+    assert handle.config.active_block_list() == [] and handle.state.block_info == {}
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # the budgets were trained on snapshots and undone
+
+
+@pytest.mark.parametrize("limit", ["slots", "p_max"])
+def test_theta_block_very_low_stops_at_the_slot_limit_or_p_max(trained4, limit):
+    # p_max = ceil(ln 64 / theta_H): theta_H = 2.5 -> 2 blocks at most; or only 2 slots.
+    kw = {"max_blocks": 2} if limit == "slots" else {}
+    rc = rconfig(theta_block=0.0, theta_H=2.5 if limit == "p_max" else 0.1, budget_steps=30, patience=3)
+    model, handle = fresh(trained4, **kw)
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rc, heldout=batches(trained4["held"], 32))
+    assert len(handle.config.active_block_list()) == 2
+    assert decisions[-1]["reason"] == ("no_free_slot" if limit == "slots" else "p_max_reached")
+    assert decisions[-1]["pass"] <= 3  # it stopped: every pass recruits or counts towards patience
+    if limit == "p_max":
+        assert decisions[0]["p_max"] == 2
+
+
+# ---------------------------------------------------------------------------------- slots
+def test_activation_is_function_preserving():
+    model = build_model("llama")
+    handle = localist(model, alpha=1.0)
+    ids = random_ids(3, 12, seed=4)
+    params = [(id(p), tuple(p.shape)) for p in model.parameters()]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        x = model.model.embed_tokens(ids)[0]  # directions that would capture tokens if enabled
+    prepare(handle)
+    handle.activate_block(1, x[3], enabled=False)
+    handle.activate_block(2, x[7], enabled=False)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref)
+    assert [(id(p), tuple(p.shape)) for p in model.parameters()] == params
+    assert handle.config.active_blocks == [1, 2] and [b["enabled"] for b in handle.blocks()] == [False, False]
+    handle.update(assign_threshold=-1.0)  # enabled, every token joins a block: now the outputs change
+    for slot in (1, 2):
+        set_block_enabled(handle, slot, True)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, ref)
+
+
+def test_code_length_counts():
+    assert count_params(32, 3, 1, "coordinate") == 32
+    assert count_params(32, 3, 2, "pca") == 32 + 2 * (32 * 3 - 6)
+    assert code_length(32, 1000, "bic", 16) == pytest.approx(16 * math.log(1000))
+    assert code_length(32, 1000, "fixed", 16) == pytest.approx(32 * 16 * math.log(2))
+
+
+def test_pca_subspaces_are_orthonormal_and_orthogonal(trained4):
+    model, handle = fresh(trained4, subspace="pca")
+    recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30), heldout=batches(trained4["held"], 32),
+            max_passes=1)
+    active = handle.config.active_block_list()
+    assert len(active) >= 2
+    u = handle.state.subspaces  # (L, n, E, r)
+    assert u.shape[:2] == (2, len(active)) and u.shape[-1] == handle.config.subspace_rank == 32 // 9
+    flat = u.permute(0, 2, 1, 3).reshape(2, 32, -1)
+    eye = torch.eye(flat.shape[-1]).expand(2, -1, -1)
+    torch.testing.assert_close(flat.transpose(1, 2) @ flat, eye, atol=1e-5, rtol=0)
+    assert all(handle.state.block_info[s]["k_params"] == 32 + (32 * 3 - 6) for s in active)
+
+
+def test_recruitment_needs_centroid_assignment_and_heldout():
+    model = build_model("llama")
+    handle = hl.apply_localist(model, hl.LocalistConfig(block_assignment="explicit", recruitment=rconfig()))
+    with pytest.raises(LocalistConfigError, match="centroid"):
+        recruit(model, batches(random_ids(8, 12), 4))
+    handle.revert()
+    model = build_model("llama")
+    localist(model, rconfig())
+    with pytest.raises(LocalistConfigError, match="hold some out"):
+        recruit(model, batches(random_ids(4, 12), 4))
+
+
+# ---------------------------------------------------------------------------------- resume
+def _resume_args(out, **kw):
+    base = dict(output_dir=str(out), max_steps=100, per_device_train_batch_size=16, per_device_eval_batch_size=32,
+                learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=50, report_to=[], use_cpu=True,
+                save_strategy="steps", save_steps=50, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+@pytest.mark.slow
+def test_checkpoint_in_the_middle_of_recruitment_resumes_the_same(tmp_path):
+    train, _ = synthetic(512, 3, seed=41)
+    held, _ = synthetic(64, 3, seed=42)
+    rc = rconfig(every=50, budget_steps=15, diagnostic_batches=2, patience=2, theta_block=0.0)
+    data = dict(train_dataset=[{"input_ids": x, "labels": x} for x in train],
+                eval_dataset=[{"input_ids": x, "labels": x} for x in held])
+
+    model = blind_llama(3, seed=5)
+    handle = localist(model, rc)
+    trainer = LocalistTrainer(model=model, args=_resume_args(tmp_path / "a"), **data)
+    trainer.train()
+    full = [json.loads(line) for line in open(tmp_path / "a" / LOG_FILE)]
+    first = [d for d in full if d["step"] == 50]
+    assert accepted(first), first  # the checkpoint at step 50 holds recruited blocks
+    assert [d for d in full if d["step"] == 100]
+
+    model2 = blind_llama(3, seed=5)
+    handle2 = localist(model2, rc)
+    trainer2 = LocalistTrainer(model=model2, args=_resume_args(tmp_path / "b"), **data)
+    ckpt = str(tmp_path / "a" / "checkpoint-50")
+    trainer2.train(resume_from_checkpoint=ckpt)
+    cb = next(c for c in trainer2.callback_handler.callbacks if isinstance(c, RecruitmentCallback))
+    assert cb.passes == 2 and cb._trainer is trainer2
+    resumed = [json.loads(line) for line in open(tmp_path / "b" / LOG_FILE)]
+    expected = [d for d in full if d["step"] == 100]
+    assert [(d["slot"], d["accepted"], d["reason"], d["cluster_size"]) for d in resumed] == \
+        [(d["slot"], d["accepted"], d["reason"], d["cluster_size"]) for d in expected]
+    for a, b in zip(resumed, expected):
+        if b["dL_total"] is not None:
+            assert a["dL_total"] == pytest.approx(b["dL_total"], rel=1e-5, abs=1e-3)
+    assert handle2.config.active_block_list() == handle.config.active_block_list()
+    torch.testing.assert_close(handle2.state.centroids, handle.state.centroids)
+    assert json.dumps(handle2.state.block_info, sort_keys=True) == json.dumps(handle.state.block_info, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------- degenerate input
+def _entropies(monkeypatch, fn):
+    original = DiagnosticsRecorder.per_query
+
+    def patched(self, layer, metric, call=-1):
+        value = original(self, layer, metric, call)
+        return fn(value) if metric == "entropy" else value
+
+    monkeypatch.setattr(DiagnosticsRecorder, "per_query", patched)
+
+
+def test_no_confused_tokens(trained4):
+    model, handle = fresh(trained4)
+    examples = [{"input_ids": x} for x in trained4["train"][:64]]  # examples (1-D input_ids) are batched by recruit
+    decisions = recruit(model, examples, rconfig(epsilon=100.0), heldout=batches(trained4["held"][:32], 32))
+    assert [d["reason"] for d in decisions] == ["no_confused_tokens"] and decisions[0]["confused_tokens"] == 0
+    assert handle.config.active_block_list() == []
+
+
+def test_all_tokens_confused_without_cluster_structure(monkeypatch):
+    model = build_model("llama")  # random weights, random tokens: no cluster structure
+    handle = localist(model)
+    _entropies(monkeypatch, lambda v: torch.full_like(v, 9.0))
+    data = batches(random_ids(64, 16, seed=7), 8)
+    # min_silhouette=0.5 makes the k = 1 rule certain (a random model scores about 0.09 with the default 0.1).
+    decisions = recruit(model, data, rconfig(budget_steps=5, min_cluster_tokens=8, min_silhouette=0.5))
+    assert decisions[0]["confused_tokens"] == decisions[0]["queries"] > 0
+    assert not accepted(decisions) and all(d["reason"] for d in decisions)
+    assert handle.config.active_block_list() == []
+    assert {d["cluster"] for d in decisions if d["slot"] is not None} == {0}  # k = 1: one cluster of everything
+
+
+def test_clusters_smaller_than_min_cluster_tokens(trained4):
+    model, handle = fresh(trained4)
+    decisions = recruit(model, batches(trained4["train"][:64], 16), rconfig(min_cluster_tokens=10 ** 6),
+                        heldout=batches(trained4["held"][:32], 32))
+    assert decisions and {d["reason"] for d in decisions} == {"cluster_too_small"}
+    assert all(d["cluster_size"] < 10 ** 6 for d in decisions) and handle.config.active_block_list() == []
+
+
+@pytest.mark.parametrize("bad", ["some", "all"])
+def test_nan_and_inf_entropies(trained4, monkeypatch, bad):
+    def corrupt(v):
+        v = v.clone()
+        if bad == "all":
+            v[:] = float("nan")
+            v[:, ::2] = float("inf")
+        else:
+            v[:, 1::3] = float("nan")
+            v[:, 2::3] = float("inf")
+        return v
+
+    _entropies(monkeypatch, corrupt)
+    model, handle = fresh(trained4)
+    decisions = recruit(model, batches(trained4["train"][:128], 16), rconfig(budget_steps=5, theta_block=1e9),
+                        heldout=batches(trained4["held"][:32], 32))
+    assert decisions and not accepted(decisions) and handle.config.active_block_list() == []
+    assert decisions[0]["nonfinite_entropies"] > 0
+    if bad == "all":
+        assert [d["reason"] for d in decisions] == ["no_confused_tokens"]
+    else:
+        assert all(d["dL_total"] is not None and math.isfinite(d["dL_total"]) for d in decisions)
+
+
+def test_heldout_without_tokens_of_a_cluster(trained4):
+    model, handle = fresh(trained4)
+    held, _ = synthetic(128, 4, seed=5, clusters=[0, 1])  # clusters 2 and 3 never appear in the held-out set
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30),
+                        heldout=batches(held, 32), max_passes=1)
+    missing = [d for d in decisions if d["reason"] == "no_heldout_tokens_in_block"]
+    assert len(missing) >= 2 and not any(d["accepted"] for d in missing)
+    assert all(d["slot"] not in handle.config.active_block_list() for d in missing)
+    # And a held-out set with no scored token at all.
+    model2, handle2 = fresh(trained4)
+    empty = [{"input_ids": held[:2], "labels": torch.full_like(held[:2], -100)}]
+    decisions = recruit(model2, batches(trained4["train"][:64], 16), rconfig(), heldout=empty)
+    assert decisions and {d["reason"] for d in decisions} == {"no_heldout_tokens"}
+    assert handle2.config.active_block_list() == []
