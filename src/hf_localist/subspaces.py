@@ -51,6 +51,8 @@ def default_rank(hidden: int, n_active: int, rank: int | None) -> int:
 def coordinate_subspaces(hidden: int, n_active: int, rank: int | None = None) -> torch.Tensor:
     """(n_active, E, r) orthonormal bases: block j (0-based among the active ones) owns coordinates (j+1)r..(j+2)r."""
     r = default_rank(hidden, n_active, rank)
+    if n_active == 0:
+        return torch.zeros(0, hidden, r)  # no active block: nothing to penalise (recruitment starts here)
     eye = torch.eye(hidden)
     return torch.stack([eye[:, (j + 1) * r: (j + 2) * r] for j in range(n_active)])
 
