@@ -225,9 +225,9 @@ def _wrap_forward(base: nn.Module, state: LocalistState):
             from .penalty import add_penalty_to_output
 
             add_penalty_to_output(base.localist_handle, out, bound.get("labels"), kwargs.get("num_items_in_batch"))
-        cache = getattr(out, "past_key_values", None) if not isinstance(out, tuple) else None
+        cache = _output_cache(out)
         if cache is None:
-            cache = bound.get("past_key_values")
+            cache = _cache_arg(bound)
         if cache is not None and not isinstance(cache, (tuple, list)):
             _track_cache(cache)
             cache._localist_block_ids = state.ctx.block_ids
@@ -258,6 +258,30 @@ def _wrap_generate(base: nn.Module, state: LocalistState):
     return generate
 
 
+# transformers renamed the KV cache argument and output field from ``past_key_values`` to ``cache`` (5.24); read both.
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def _cache_arg(bound: dict) -> Any:
+    """The KV cache passed to forward, by either name, also when it arrived through ``**kwargs``."""
+    extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+    for name in _CACHE_NAMES:
+        value = bound.get(name, extra.get(name))
+        if value is not None:
+            return value
+    return None
+
+
+def _output_cache(out: Any) -> Any:
+    if isinstance(out, tuple):
+        return None
+    for name in _CACHE_NAMES:
+        value = getattr(out, name, None)
+        if value is not None and not isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
 def _cache_length(cache: Any) -> int:
     if cache is None or isinstance(cache, (tuple, list)):
         return 0
@@ -274,7 +298,7 @@ def _call_context(state: LocalistState, bound: dict, block_ids: Any, target_bloc
         raise BlockIdsError("forward needs input_ids or inputs_embeds to lay out blocks")
     batch, new_len = ref.shape[0], ref.shape[1]
     device = ref.device
-    cache = bound.get("past_key_values")
+    cache = _cache_arg(bound)
     past_len = _cache_length(cache)
     prev = getattr(cache, "_localist_block_ids", None) if past_len > 0 else None
     if prev is not None:
