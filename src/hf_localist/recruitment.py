@@ -41,10 +41,11 @@ from .errors import LocalistConfigError, LocalistError
 from .qk import qk_head_weights
 from .recruitment_config import RecruitmentConfig
 from .recruitment_ops import (BatchSource, Proposal, batches_of, choose_clusters, clean_batch, collate_rows,
-                              collect_confused, code_length, complement_basis, coordinate_group, count_params,
+                              collect_confused, code_length, coordinate_group, count_params,
                               pca_basis, restore_state, restore_weights, score_tokens, snapshot_state,
                               snapshot_weights, train_budget, write_log)
-from .subspaces import layer_subspaces
+from .subspaces import complement_basis, layer_subspaces
+from .trainer import localist_handle_of, merge_pending_logs
 
 LOG_FILE = "recruitment_log.jsonl"
 
@@ -60,8 +61,6 @@ class PassResult:
 def _handle_of(model_or_handle):
     if hasattr(model_or_handle, "state") and hasattr(model_or_handle, "attention_modules"):
         return model_or_handle
-    from .trainer import localist_handle_of
-
     return localist_handle_of(model_or_handle)
 
 
@@ -468,11 +467,4 @@ class RecruitmentCallback(TrainerCallback, ExportableState):
                               "localist/recruit_accepted_total": float(self.accepted_total)})
         control.should_log = True
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending:
-            return
-        if logs is not None:
-            logs.update(self._pending)
-        if state.log_history:
-            state.log_history[-1].update(self._pending)
-        self._pending = {}
+    on_log = merge_pending_logs

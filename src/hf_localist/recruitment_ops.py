@@ -284,26 +284,6 @@ def count_params(hidden: int, rank: int, n_counted_layers: int, subspace: str) -
     return k
 
 
-def complement_basis(u: torch.Tensor, taken: torch.Tensor | None, tol: float = 1e-4) -> torch.Tensor | None:
-    """Orthonormal (E, r) basis: ``u`` minus its components in ``taken`` (E, m), completed from the complement.
-
-    None when the complement of ``taken`` is too small for rank r.
-    """
-    e, r = u.shape
-    if taken is None or taken.shape[1] == 0:
-        taken = u.new_zeros(e, 0)
-    if taken.shape[1] + r > e:
-        return None
-    for _ in range(2):
-        u = u - taken @ (taken.T @ u)
-    left, sv, _ = torch.linalg.svd(u, full_matrices=False)
-    q = left[:, sv > tol]
-    if q.shape[1] < r:
-        full, _ = torch.linalg.qr(torch.cat([taken, q], dim=1), mode="complete")
-        q = torch.cat([q, full[:, taken.shape[1] + q.shape[1]:][:, : r - q.shape[1]]], dim=1)
-    return q[:, :r].contiguous()
-
-
 def pca_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
     """(n, E) -> (E, r) top-r principal directions of the centred rows (padded by svd when n < r)."""
     xc = x.double() - x.double().mean(dim=0, keepdim=True)

@@ -67,17 +67,29 @@ def orthogonalise(bases: list[torch.Tensor], tol: float = 1e-4) -> torch.Tensor:
     """
     out: list[torch.Tensor] = []
     for u in bases:
-        e, r = u.shape
-        taken = torch.cat(out, dim=1) if out else u.new_zeros(e, 0)
-        for _ in range(2):  # twice: re-orthogonalisation keeps the rounding error at machine precision
-            u = u - taken @ (taken.T @ u)
-        left, sv, _ = torch.linalg.svd(u, full_matrices=False)
-        q = left[:, sv > tol]
-        if q.shape[1] < r:
-            complete, _ = torch.linalg.qr(torch.cat([taken, q], dim=1), mode="complete")
-            q = torch.cat([q, complete[:, taken.shape[1] + q.shape[1]:][:, : r - q.shape[1]]], dim=1)
-        out.append(q[:, :r])
+        taken = torch.cat(out, dim=1) if out else None
+        out.append(complement_basis(u, taken, tol))
     return torch.stack(out)
+
+
+def complement_basis(u: torch.Tensor, taken: torch.Tensor | None, tol: float = 1e-4) -> torch.Tensor | None:
+    """Orthonormal (E, r) basis: ``u`` minus its components in ``taken`` (E, m), completed from the complement.
+
+    None when the complement of ``taken`` is too small for rank r.
+    """
+    e, r = u.shape
+    if taken is None or taken.shape[1] == 0:
+        taken = u.new_zeros(e, 0)
+    if taken.shape[1] + r > e:
+        return None
+    for _ in range(2):  # twice: re-orthogonalisation keeps the rounding error at machine precision
+        u = u - taken @ (taken.T @ u)
+    left, sv, _ = torch.linalg.svd(u, full_matrices=False)
+    q = left[:, sv > tol]
+    if q.shape[1] < r:
+        complete, _ = torch.linalg.qr(torch.cat([taken, q], dim=1), mode="complete")
+        q = torch.cat([q, complete[:, taken.shape[1] + q.shape[1]:][:, : r - q.shape[1]]], dim=1)
+    return q[:, :r].contiguous()
 
 
 class LayerInputs:

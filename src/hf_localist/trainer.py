@@ -46,6 +46,18 @@ def localist_handle_of(model) -> Any:
     )
 
 
+def merge_pending_logs(callback, args, state, control, logs=None, **kwargs):
+    """``on_log`` of the localist callbacks: put the metrics they measured (``callback._pending``) into the
+    Trainer's log entry, so the progress bar and the reporting callbacks after them see them too."""
+    if not callback._pending:
+        return
+    if logs is not None:
+        logs.update(callback._pending)
+    if state.log_history:
+        state.log_history[-1].update(callback._pending)
+    callback._pending = {}
+
+
 class LocalistCallback(TrainerCallback, ExportableState):
     """Applies the proximal step and logs locality metrics. Constructor arguments are JSON-able (for resume)."""
 
@@ -97,14 +109,8 @@ class LocalistCallback(TrainerCallback, ExportableState):
         self.metric_steps += 1
         control.should_log = True
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending:
-            return
-        if logs is not None:
-            logs.update(self._pending)
-        if state.log_history:
-            state.log_history[-1].update(self._pending)
-        self._pending = {}
+    on_log = merge_pending_logs
+
 
     # ------------------------------------------------------------------ measurements
     def measure(self, handle, model, batch: dict | None) -> dict[str, float]:
