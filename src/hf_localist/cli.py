@@ -6,6 +6,10 @@ per command, each command a small class that registers its own arguments and run
 
     hf-localist demo --quick                 # ~1 minute on 2 CPU cores
     hf-localist demo --output_dir ./report   # the full demo (a few minutes)
+    hf-localist apply --model_dir ./m --output_dir ./m_localist --alpha 0.8 --schedule progressive
+    hf-localist inspect --model_dir ./m_localist --text_file notes.txt [--alpha 0.5] [--json]
+    hf-localist train --output_dir /tmp/tl --quick    # examples/train_localist.py (source checkout)
+    hf-localist bench --quick                         # benchmarks/bench_attention.py + bench_penalty.py
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ class Command:
 
     name: str = ""
     help: str = ""
+    #: True: every argument after the command name goes to the command untouched (``args.script_args``).
+    passthrough: bool = False
 
     @classmethod
     def register(cls, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -70,8 +76,398 @@ class DemoCommand(Command):
         return 0
 
 
+# ---------------------------------------------------------------------------------------------- shared helpers
+#: LocalistConfig fields that ``apply`` / ``inspect`` do not expose as flags (lists, nested configs, and the fields
+#: apply_localist fills in itself).
+_SKIPPED_FIELDS = ("block_names", "anchor_token_ids", "general_token_id", "recruitment", "active_blocks",
+                   "model_type", "num_layers")
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_localist_config_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One ``--FIELD`` flag per scalar :class:`LocalistConfig` field, its help from the field's metadata.
+
+    Flags default to "not given" (the namespace lacks the attribute), so that only what the user typed overrides
+    the config; the help shows the LocalistConfig default.
+    """
+    import dataclasses
+
+    from . import config as cfg_module
+
+    choices = {"schedule": cfg_module.SCHEDULES, "backend": cfg_module.BACKENDS,
+               "block_assignment": cfg_module.BLOCK_ASSIGNMENTS, "penalty": cfg_module.PENALTIES,
+               "lambda_mode": cfg_module.LAMBDA_MODES, "subspace": cfg_module.SUBSPACES}
+    group = parser.add_argument_group("LocalistConfig fields (see LocalistConfig for details)")
+    for f in dataclasses.fields(cfg_module.LocalistConfig):
+        if f.name in _SKIPPED_FIELDS or (only is not None and f.name not in only):
+            continue
+        annotation = str(f.type).replace(" ", "")
+        kind = {"float": float, "int": int, "int|None": int, "str": str, "bool": _parse_bool}.get(annotation)
+        if kind is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        text = f.metadata.get("help", "").replace("%", "%%") + f" [LocalistConfig default: {default}]"
+        group.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, choices=choices.get(f.name),
+                           metavar=f.name.upper() if f.name not in choices else None, help=text)
+
+
+def localist_overrides(args: argparse.Namespace, only: Sequence[str] | None = None) -> dict:
+    """The LocalistConfig fields given on the command line (see :func:`add_localist_config_arguments`)."""
+    import dataclasses
+
+    from .config import LocalistConfig
+
+    names = [f.name for f in dataclasses.fields(LocalistConfig) if f.name not in _SKIPPED_FIELDS]
+    return {n: getattr(args, n) for n in names if hasattr(args, n) and (only is None or n in only)}
+
+
+def _check_model_dir(model_dir: str) -> None:
+    import os
+
+    from .errors import LocalistLoadError
+
+    if not os.path.isdir(model_dir):
+        raise LocalistLoadError(f"--model_dir {model_dir!r} is not a directory: pass a local model directory "
+                                "(written by save_pretrained)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise LocalistLoadError(f"--model_dir {model_dir!r} has no config.json: pass a directory written by "
+                                "save_pretrained")
+
+
+def _has_localist_state(model_dir: str) -> bool:
+    import json
+    import os
+
+    from .config import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY
+
+    if os.path.isfile(os.path.join(model_dir, LOCALIST_CONFIG_NAME)):
+        return True
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            return isinstance(json.load(fh).get(MODEL_CONFIG_KEY), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def load_model_and_tokenizer(model_dir: str, overrides: dict, localist: bool = True):
+    """Load ``model_dir`` (the class in ``config.architectures``, else AutoModelForCausalLM) and its tokenizer
+    (None when the directory has none), and make the model localist: its saved localist state when it has one
+    (then ``overrides`` update it), else ``apply_localist`` with a LocalistConfig built from ``overrides``.
+    Returns ``(model, handle, tokenizer, loaded_state)``."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .auto import AutoLocalistModel
+    from .config import LocalistConfig
+    from .errors import LocalistLoadError
+    from .patch import apply_localist
+
+    _check_model_dir(model_dir)
+    try:
+        model_config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise LocalistLoadError(f"cannot read the model config in {model_dir!r}: {e}") from e
+    names = getattr(model_config, "architectures", None) or []
+    model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), AutoModelForCausalLM)
+    loaded_state = localist and _has_localist_state(model_dir)
+    try:
+        if loaded_state:
+            model = AutoLocalistModel.from_pretrained(model_dir, model_class=model_class)
+        else:
+            model = model_class.from_pretrained(model_dir)
+    except LocalistLoadError:
+        raise
+    except (OSError, ValueError) as e:
+        raise LocalistLoadError(f"cannot load the model in {model_dir!r} with {model_class.__name__}: {e}") from e
+    if loaded_state:
+        handle = model.localist_handle
+        if overrides:
+            handle.update(**overrides)
+    else:
+        handle = apply_localist(model, LocalistConfig.from_dict({}, **overrides))
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, KeyError):
+        tokenizer = None  # a model directory without tokenizer files
+    return model, handle, tokenizer, loaded_state
+
+
+# ---------------------------------------------------------------------------------------------- apply
+class ApplyCommand(Command):
+    """Load a local model directory, make it localist with a LocalistConfig built from the flags below, and save
+    the localist model (weights, config.json with its 'localist' entry, localist_config.json) and its tokenizer
+    to --output_dir. Load the result with hf_localist.AutoLocalistModel.from_pretrained(output_dir)."""
+
+    name = "apply"
+    help = "make a saved model localist and save it"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model_dir", "--model-dir", dest="model_dir", required=True,
+                            help="local model directory (save_pretrained output)")
+        parser.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True,
+                            help="where the localist model and its tokenizer are saved")
+        add_localist_config_arguments(parser)
+
+    def run(self) -> int:
+        import os
+
+        from .errors import LocalistLoadError
+
+        from .config import LocalistConfig
+
+        out = self.args.output_dir
+        if os.path.isfile(out):
+            raise LocalistLoadError(f"--output_dir {out!r} is a file: pass a directory")
+        overrides = localist_overrides(self.args)
+        LocalistConfig.from_dict({}, **overrides)  # bad flag values fail here, before the model loads
+        model, handle, tokenizer, loaded = load_model_and_tokenizer(self.args.model_dir, overrides)
+        model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        cfg = handle.config
+        print(f"saved localist {type(model).__name__} to {out} ({'updated its saved state' if loaded else 'applied'}: "
+              f"alpha={cfg.alpha}, schedule={cfg.schedule}, first_local_layer={cfg.first_local_layer}, "
+              f"block_assignment={cfg.block_assignment}, layers={cfg.num_layers}; "
+              f"tokenizer {'saved' if tokenizer is not None else 'not found'})")
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def text_to_inputs(text: str, tokenizer, config, max_length: int):
+    """``(input_ids, block_ids or None, description)`` of ``text``.
+
+    With anchor tokens in the config (segment assignment) the text is tokenized as is and the anchors lay out the
+    blocks. Otherwise paragraphs (separated by blank lines) are blocks 1..n (paragraphs past max_blocks join block
+    max_blocks), passed as explicit ``block_ids``; a BOS token, when the tokenizer has one, opens the sequence in
+    block 0 and takes the sink.
+    """
+    import re
+
+    import torch
+
+    from .errors import LocalistConfigError
+
+    if config.block_assignment == "segment" and config.anchor_token_ids:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
+        return torch.tensor([ids]), None, f"segment assignment from {len(config.anchor_token_ids)} anchor tokens"
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if not paragraphs:
+        raise LocalistConfigError("--text_file holds no text: write one or more paragraphs separated by blank lines")
+    ids: list[int] = []
+    blocks: list[int] = []
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        ids.append(tokenizer.bos_token_id)
+        blocks.append(0)
+    for i, para in enumerate(paragraphs):
+        toks = tokenizer(para, add_special_tokens=False)["input_ids"]
+        ids += toks
+        blocks += [min(i + 1, config.max_blocks)] * len(toks)
+    ids, blocks = ids[:max_length], blocks[:max_length]
+    n = len(set(b for b in blocks if b >= 1))
+    note = f"{len(paragraphs)} paragraphs as explicit blocks" + (
+        f" (capped at max_blocks={config.max_blocks})" if len(paragraphs) > config.max_blocks else "")
+    if n == 0:
+        raise LocalistConfigError("the text tokenizes to no tokens inside a paragraph (check the tokenizer)")
+    return torch.tensor([ids]), torch.tensor([blocks]), note
+
+
+def _nan_to_none(value):
+    import math
+
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _nan_to_none(v) for k, v in value.items()}
+    return value
+
+
+class InspectCommand(Command):
+    """Run a text through a localist model with diagnostics on, and print per layer the dial alpha_l, the attention
+    entropy H_t (nats), pointer fidelity PF_t and block mass BM_t (means over queries; sink dropped). A model saved
+    with localist state is loaded with it; any other model gets LocalistConfig defaults. Blocks come from the
+    anchor tokens when the config has them, else each paragraph (blank-line separated) of the text is a block."""
+
+    name = "inspect"
+    help = "per-layer attention diagnostics of a localist model on a text"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--model_dir", "--model-dir", dest="model_dir", required=True,
+                            help="local model directory (localist or not)")
+        parser.add_argument("--text_file", "--text-file", dest="text_file", required=True,
+                            help="UTF-8 text; paragraphs separated by blank lines are the blocks")
+        parser.add_argument("--max_length", "--max-length", dest="max_length", type=int, default=512,
+                            help="truncate the tokenized text to this many tokens")
+        parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+        add_localist_config_arguments(parser, only=("alpha", "schedule", "schedule_power", "first_local_layer"))
+
+    def run(self) -> int:
+        import json
+        import os
+
+        import torch
+
+        from .errors import LocalistConfigError, LocalistLoadError
+
+        args = self.args
+        if args.max_length < 1:
+            raise LocalistConfigError(f"--max_length={args.max_length} must be >= 1")
+        if not os.path.isfile(args.text_file):
+            raise LocalistLoadError(f"--text_file {args.text_file!r} does not exist")
+        try:
+            with open(args.text_file, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as e:
+            raise LocalistLoadError(f"--text_file {args.text_file!r} is not UTF-8 text: {e}") from e
+        model, handle, tokenizer, loaded = load_model_and_tokenizer(args.model_dir, {})
+        if tokenizer is None:
+            raise LocalistLoadError(f"--model_dir {args.model_dir!r} has no tokenizer: save one next to the model")
+        overrides = localist_overrides(args)
+        cfg = handle.config
+        input_ids, block_ids, note = text_to_inputs(text, tokenizer, cfg, args.max_length)
+        if block_ids is not None and cfg.block_assignment != "explicit":
+            overrides["block_assignment"] = "explicit"
+        if overrides:
+            handle.update(**overrides)
+        model.eval()
+        kwargs = {"block_ids": block_ids} if block_ids is not None else {}
+        with torch.no_grad(), handle.record() as rec:
+            model(input_ids=input_ids, **kwargs)
+        summary = rec.summary()
+        alphas = handle.layer_alphas()
+        result = {
+            "model_dir": args.model_dir, "localist_state": "loaded" if loaded else "defaults applied",
+            "alpha": cfg.alpha, "tokens": int(input_ids.shape[1]), "blocks": note,
+            "layers": {int(layer): {"alpha_l": alphas[layer], **row} for layer, row in summary["layers"].items()},
+            "mean": summary["mean"],
+        }
+        if args.json:
+            print(json.dumps(_nan_to_none(result), indent=2))
+            return 0
+        print(f"{args.model_dir}: localist state {result['localist_state']}, alpha={cfg.alpha}, "
+              f"{result['tokens']} tokens, {note}")
+        print(f"{'layer':>5} {'alpha_l':>8} {'entropy':>9} {'pointer_fid':>11} {'block_mass':>10} {'n_pf':>5}")
+
+        def fmt(v: float) -> str:
+            return "nan" if v != v else f"{v:.4f}"
+
+        for layer, row in result["layers"].items():
+            print(f"{layer:>5} {row['alpha_l']:>8.3f} {fmt(row['entropy']):>9} {fmt(row['pointer_fidelity']):>11} "
+                  f"{fmt(row['block_mass']):>10} {row['n_pointer_fidelity']:>5}")
+        m = result["mean"]
+        print(f"{'mean':>5} {'':>8} {fmt(m['entropy']):>9} {fmt(m['pointer_fidelity']):>11} {fmt(m['block_mass']):>10}")
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------- train / bench
+#: Environment variable naming the hf_localist source checkout (holding examples/ and benchmarks/).
+REPO_ENV = "HF_LOCALIST_REPO"
+
+
+def repo_script(relative: str) -> str:
+    """Path of ``relative`` (e.g. ``examples/train_localist.py``) in the source checkout: ``$HF_LOCALIST_REPO``
+    when set, else the repository this package is installed from (editable install). Raises
+    :class:`LocalistLoadError` when the script is not there (an installed wheel ships no examples)."""
+    import os
+
+    from .errors import LocalistLoadError
+
+    root = os.environ.get(REPO_ENV)
+    if not root:
+        here = os.path.dirname(os.path.abspath(__file__))  # <repo>/src/hf_localist
+        root = os.path.dirname(os.path.dirname(here))
+    path = os.path.join(root, relative)
+    if not os.path.isfile(path):
+        raise LocalistLoadError(
+            f"{relative} not found under {root!r}: this command needs the hf_localist source checkout (the wheel does "
+            f"not ship examples/ or benchmarks/). Clone the repository and `pip install -e .`, or set {REPO_ENV}="
+            "<checkout>"
+        )
+    return path
+
+
+def run_script_main(path: str, argv: list[str]) -> int:
+    """Run ``main(argv)`` of the script at ``path`` (its directory on sys.path while it runs); an int result is the
+    exit status, anything else (a results dict) means success."""
+    import os
+    import runpy
+
+    directory = os.path.dirname(path)
+    added = directory not in sys.path
+    if added:
+        sys.path.insert(0, directory)
+    try:
+        namespace = runpy.run_path(path, run_name="__hf_localist_cli__")
+        main_fn = namespace.get("main")
+        if not callable(main_fn):
+            from .errors import LocalistLoadError
+
+            raise LocalistLoadError(f"{path} defines no main(argv) function")
+        result = main_fn(list(argv))
+    finally:
+        if added and directory in sys.path:
+            sys.path.remove(directory)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+class TrainCommand(Command):
+    """Train a localist model: runs main() of examples/train_localist.py from the source checkout with every
+    argument after `train` passed through (see `hf-localist train --help` for the script's own options)."""
+
+    name = "train"
+    help = "run examples/train_localist.py (needs the source checkout)"
+    passthrough = True
+    script = "examples/train_localist.py"
+
+    @classmethod
+    def register(cls, subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        # No options of its own: everything (including --help) goes to the script.
+        # main() hands it argv[1:] untouched (argparse.REMAINDER drops leading --options).
+        parser = subparsers.add_parser(cls.name, help=cls.help, description=cls.__doc__, add_help=False)
+        parser.set_defaults(command_class=cls, script_args=[])
+        return parser
+
+    def run(self) -> int:
+        return run_script_main(repo_script(self.script), self.args.script_args)
+
+
+class BenchCommand(Command):
+    """Run the benchmarks of the source checkout: benchmarks/bench_attention.py and benchmarks/bench_penalty.py
+    (main of each), with --quick passed through."""
+
+    name = "bench"
+    help = "run benchmarks/bench_attention.py and bench_penalty.py (needs the source checkout)"
+    scripts = {"attention": "benchmarks/bench_attention.py", "penalty": "benchmarks/bench_penalty.py"}
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--quick", action="store_true", help="the benchmarks' short CI-smoke settings")
+        parser.add_argument("--only", choices=sorted(cls.scripts), default=None,
+                            help="run one benchmark instead of both")
+
+    def run(self) -> int:
+        names = [self.args.only] if self.args.only else list(self.scripts)
+        paths = {n: repo_script(self.scripts[n]) for n in names}  # fail before running anything
+        argv = ["--quick"] if self.args.quick else []
+        status = 0
+        for name in names:
+            status = run_script_main(paths[name], argv) or status
+        return status
+
+
+
 #: Every subcommand, in the order ``hf-localist --help`` lists them.
-COMMANDS: list[type[Command]] = [DemoCommand]
+COMMANDS: list[type[Command]] = [DemoCommand, ApplyCommand, InspectCommand, TrainCommand, BenchCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,12 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-localist`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    passthrough = {c.name for c in COMMANDS if c.passthrough}
+    if argv and argv[0] in passthrough:
+        args = parser.parse_args(argv[:1])
+        args.script_args = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     command_class = getattr(args, "command_class", None)
     if command_class is None:
         parser.print_help()
         return 1
-    return command_class(args).run()
+    from .errors import LocalistError
+
+    try:
+        return command_class(args).run()
+    except LocalistError as e:  # a user error: one clean line, no traceback
+        message = " ".join(str(e).split())
+        print(f"hf-localist {command_class.name}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
