@@ -12,6 +12,8 @@ Sections (markdown tables on stdout; ``--out FILE`` writes them to a file too):
       ``sdpa``: forward (no grad) and forward+backward. Target: forward+backward at S = 4096, K = 8: >= 2x.
   c   peak memory of the b1/b2 configurations: growth of resident memory during one call, in a fresh subprocess
       per configuration (see benchlib.peak_rss_growth).
+  ref (not in the default set) the current segment backend vs the one at git commit --ref (default eb5d304, the
+      first implementation), op and model forward+backward, interleaved in one process.
 
 Usage::
 
@@ -36,7 +38,15 @@ import torch.nn.functional as F  # noqa: E402
 
 import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backends import Layout, clear_plan_cache, flex_attention_hard, repeat_kv, segment_attention  # noqa: E402
+from hf_localist.backends import Layout, flex_attention_hard, repeat_kv, segment_attention  # noqa: E402
+
+try:  # absent before the plan cache existed: the script then also measures the original backends (git history)
+    from hf_localist.backends import _segment_plan, clear_plan_cache
+except ImportError:  # pragma: no cover - only with an old hf_localist on PYTHONPATH
+    _segment_plan = None
+
+    def clear_plan_cache() -> None:
+        pass
 from hf_localist.blocks import anchor_flags  # noqa: E402
 
 OUT: list[str] = []
@@ -114,6 +124,18 @@ def op_candidates(seq: int, blocks_list: list[int], flex: bool, heads: int = 8, 
             return segment_attention(q, k, v, None, lay, 0.0, scale)
 
         cands[f"seg{nb}"], cands[f"segcold{nb}"] = seg, seg_cold
+        if _segment_plan is not None:
+            # The SDPA call alone on the already gathered groups: the floor of any gather-based implementation.
+            plan = _segment_plan(lay, None, 0.0, 1, seq, seq)
+            assert len(plan.parts) == 1 and plan.parts[0].is_causal
+            part = plan.parts[0]
+            qg, kg, vg = (x[0].index_select(1, idx).view(heads, part.groups, -1, dim).transpose(0, 1).contiguous()
+                          for x, idx in ((q, part.q.index), (k, part.k.index), (v, part.k.index)))
+
+            def kernel(qg=qg, kg=kg, vg=vg):
+                return F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, scale=scale)
+
+            cands[f"kernel{nb}"] = kernel
         if flex:
             def fx(lay=lay):
                 return flex_attention_hard(q, k, v, None, lay, scale, compile_kernel=True)
@@ -135,7 +157,9 @@ def section_b1(args) -> None:
          "`F.scaled_dot_product_attention(q, k, v, is_causal=True)`. Speedup = baseline time / backend time (median "
          "of per-round ratios, [25th-75th percentile]). *warm*: the layout plan (segment) or BlockMask (flex) is "
          "cached, as in every layer after the first of one forward call; *cold*: rebuilt in every call (the "
-         "first layer). flex: `torch.compile(flex_attention)`, compilation excluded (warm-up).")
+         "first layer); *kernel-only*: the SDPA call of segment alone, on groups gathered beforehand (the floor of "
+         "any implementation that gathers blocks into the batch dimension). flex: `torch.compile(flex_attention)`, "
+         "compilation excluded (warm-up).")
     emit()
     rows = []
     for seq in seqs:
@@ -147,17 +171,18 @@ def section_b1(args) -> None:
         for nb in blocks_list:
             s_warm = t.ratio("sdpa", f"seg{nb}")
             row = [seq, nb, t.median_ms("sdpa"), t.median_ms(f"seg{nb}"), _iqr(t, "sdpa", f"seg{nb}"),
-                   t.ratio("sdpa", f"segcold{nb}")]
+                   t.ratio("sdpa", f"segcold{nb}"), t.ratio("sdpa", f"kernel{nb}") if f"kernel{nb}" in t.times else "-"]
             if args.flex:
                 row += [t.median_ms(f"flex{nb}"), _iqr(t, "sdpa", f"flex{nb}"), t.ratio("sdpa", f"flexcold{nb}")]
             else:
                 row += ["-", "-", "-"]
             row += [f">= {nb / 2:g}", met(s_warm >= nb / 2) if seq == 4096 else f"({met(s_warm >= nb / 2)})"]
             rows.append(row)
-            log(f"(b1) seq {seq} K {nb}: segment {s_warm:.2f}x" + (f", flex {t.ratio('sdpa', f'flex{nb}'):.2f}x" if args.flex else ""))
+            flex_note = f", flex {t.ratio('sdpa', f'flex{nb}'):.2f}x" if args.flex else ""
+            log(f"(b1) seq {seq} K {nb}: segment {s_warm:.2f}x{flex_note}")
     emit(benchlib.table(["seq", "K", "sdpa causal ms", "segment ms (warm)", "segment speedup (warm)",
-                         "segment speedup (cold)", "flex ms (warm)", "flex speedup (warm)", "flex speedup (cold)",
-                         "target", "segment vs target"], rows))
+                         "segment speedup (cold)", "kernel-only speedup", "flex ms (warm)", "flex speedup (warm)",
+                         "flex speedup (cold)", "target", "segment vs target"], rows))
     emit()
     emit("The target applies at S = 4096; shorter sequences are shown in parentheses for reference.")
     emit()
@@ -248,6 +273,77 @@ def section_b2(args) -> None:
     emit()
 
 
+# ------------------------------------------------------------------------------------------------ ref: before/after
+def load_ref_backends(ref: str):
+    """``hf_localist/backends.py`` as it was at git commit ``ref``, imported as a separate module."""
+    import importlib.util
+    import tempfile
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    text = subprocess.run(["git", "show", f"{ref}:src/hf_localist/backends.py"], capture_output=True, text=True,
+                          check=True, cwd=root).stdout
+    path = os.path.join(tempfile.mkdtemp(prefix="ref-backends-"), "ref_backends.py")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    spec = importlib.util.spec_from_file_location("ref_backends", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ref_backends"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def section_ref(args) -> None:
+    """The current segment backend vs the one at git commit ``--ref``, interleaved in one process."""
+    from hf_localist import attention as attention_module
+
+    ref = load_ref_backends(args.ref)
+    seqs = args.seqs or ([1024] if args.quick else [2048, 4096])
+    blocks_list = args.blocks or ([8] if args.quick else [4, 8, 16])
+    emit(f"### segment now vs segment at commit `{args.ref}` (same process, interleaved)")
+    emit()
+    emit("Same configurations as b1 (op, no grad, layout plan warm) and b2 (model forward+backward, plan rebuilt per "
+         "call); the model runs the old function by swapping `hf_localist.attention.segment_attention` around its "
+         "calls. Speedup = sdpa time / backend time (median of per-round ratios).")
+    emit()
+    rows = []
+    current = attention_module.segment_attention
+    model = model_b2("segment")
+    base = model_b2("sdpa")
+
+    def with_ref(fn):
+        attention_module.segment_attention = ref.segment_attention
+        try:
+            return fn()
+        finally:
+            attention_module.segment_attention = current
+
+    for seq in seqs:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 8, seq, 64, generator=g) for _ in range(3))
+        ids = torch.randint(0, 1000, (1, seq), generator=torch.Generator().manual_seed(seq))
+        op = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        fb = {"sdpa": lambda: run_model(base, ids, None, True)}
+        for nb in blocks_list:
+            lay = op_layout(seq, nb)
+            bids = benchlib.equal_blocks(1, seq, nb)
+            op[f"now{nb}"] = lambda lay=lay: segment_attention(q, k, v, None, lay, 0.0, 0.125)
+            op[f"ref{nb}"] = lambda lay=lay: ref.segment_attention(q, k, v, None, lay, 0.0, 0.125)
+            fb[f"now{nb}"] = lambda bids=bids: run_model(model, ids, bids, True)
+            fb[f"ref{nb}"] = lambda bids=bids: with_ref(lambda: run_model(model, ids, bids, True))
+        log(f"(ref) seq {seq}: op and model comparisons")
+        with torch.no_grad():
+            t_op = benchlib.interleaved(op, args.rounds or (5 if args.quick else 9), warmup=1)
+        t_fb = benchlib.interleaved(fb, args.rounds or (3 if args.quick else 5), warmup=1)
+        for nb in blocks_list:
+            rows.append([seq, nb, _iqr(t_op, "sdpa", f"ref{nb}"), _iqr(t_op, "sdpa", f"now{nb}"),
+                         t_op.ratio(f"ref{nb}", f"now{nb}"), _iqr(t_fb, "sdpa", f"ref{nb}"),
+                         _iqr(t_fb, "sdpa", f"now{nb}"), t_fb.ratio(f"ref{nb}", f"now{nb}")])
+    emit(benchlib.table(["seq", "K", f"op speedup at {args.ref}", "op speedup now", "op: now faster by",
+                         f"fwd+bwd speedup at {args.ref}", "fwd+bwd speedup now", "fwd+bwd: now faster by"], rows))
+    emit()
+
+
 # ------------------------------------------------------------------------------------------------ (c) memory
 def probe(spec: dict) -> dict:
     """Run in a fresh subprocess: peak RSS growth of one call of the configuration ``spec``."""
@@ -280,7 +376,10 @@ def probe(spec: dict) -> dict:
 
 def run_probe(spec: dict, threads: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(spec), "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # A fixed glibc mmap threshold: every buffer >= 64 KiB is mapped on allocation and unmapped on free, so resident
+    # memory follows the live buffers (with the default dynamic threshold it depends on the allocation history).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"memory probe {spec} failed:\n{done.stderr[-2000:]}")
@@ -297,6 +396,8 @@ def section_c(args) -> None:
          "`malloc_trim(0)`, reset of the kernel's high-water mark (`/proc/self/clear_refs`), then `VmHWM` after the "
          "call minus `VmRSS` before it. It counts every buffer the call allocates (inputs and weights excluded; "
          "outputs, activations kept for backward, gradients and temporaries included) at page granularity. "
+         "The subprocesses run with `MALLOC_MMAP_THRESHOLD_=65536` (glibc), so that every buffer of 64 KiB or more is "
+         "mapped when allocated and unmapped when freed and resident memory follows the live buffers. "
          "*op*: the b1 configuration (no grad); *fwd* / *fwd+bwd*: the b2 model (the layout plan is built inside "
          "the call).")
     emit()
@@ -332,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--quick", action="store_true", help="CI smoke: small grid, no flex, < 60 s")
-    parser.add_argument("--sections", default="a,b1,b2,c", help="comma-separated subset of a,b1,b2,c")
+    parser.add_argument("--sections", default="a,b1,b2,c",
+                        help="comma-separated subset of a,b1,b2,c,ref (ref: segment now vs at commit --ref)")
     parser.add_argument("--seqs", type=int, nargs="*", help="override the sequence lengths of b1, b2, c")
     parser.add_argument("--blocks", type=int, nargs="*", help="override the block counts of b1, b2, c")
     parser.add_argument("--rounds", type=int, default=0, help="timed rounds per comparison (0: per-section default)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
                         help="include flex_attention (default: on, off with --quick)")
+    parser.add_argument("--ref", default="eb5d304",
+                        help="git commit whose segment backend section 'ref' compares with (default: the first one)")
     parser.add_argument("--out", help="also write the markdown to this file")
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -352,13 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         from torch import _dynamo
 
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+    benchlib.settle_allocator()
     start = time.time()
     cmd = "python benchmarks/bench_attention.py " + " ".join(sys.argv[1:] if argv is None else argv)
     emit(f"## hf_localist attention benchmarks (`{cmd.strip()}`)")
     emit()
     emit(benchlib.environment())
     emit()
-    sections = {"a": section_a, "b1": section_b1, "b2": section_b2, "c": section_c}
+    sections = {"a": section_a, "b1": section_b1, "b2": section_b2, "c": section_c, "ref": section_ref}
     for name in args.sections.split(","):
         sections[name.strip()](args)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -65,6 +65,17 @@ def interleaved(candidates: dict[str, Callable[[], object]], rounds: int, warmup
     return Timings(times)
 
 
+def settle_allocator() -> None:
+    """Allocate, touch and free one 30 MiB buffer. glibc then serves buffers up to that size from its heap and keeps
+    up to twice that much freed memory mapped (its dynamic mmap and trim thresholds), the state a process reaches as
+    soon as it has freed its first large tensors, e.g. after one forward call of a model. Without it, the first
+    comparisons of a fresh process pay first-touch page faults on every buffer of 128 KiB or more, which penalises
+    code that allocates more buffers per call (segment's gathers) in a way that depends on what ran before."""
+    buf = torch.empty(30 << 20, dtype=torch.uint8)
+    buf.fill_(1)
+    del buf
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as fh:
@@ -124,7 +135,8 @@ def table(header: list[str], rows: list[list[object]]) -> str:
             return f"{x:.2f}" if abs(x) < 100 else f"{x:.0f}"
         return str(x)
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" ---: " if i else " --- " for i in range(len(header))) + "|"]
+    rule = "|" + "|".join(" ---: " if i else " --- " for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -142,9 +154,12 @@ def environment() -> str:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    prefixes = ("MALLOC_", "OMP_", "MKL_", "LD_PRELOAD")
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(prefixes))
     return (f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
             f"CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}, "
-            f"ISA {torch.backends.cpu.get_cpu_capability()}; load average at start {load[0]:.2f}")
+            f"ISA {torch.backends.cpu.get_cpu_capability()}; allocator/threading environment: {env or 'defaults'}; "
+            f"load average at start {load[0]:.2f}")
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -61,7 +61,10 @@ def make_case(g: torch.Generator, *, batch: int, total: int, q_len: int, heads: 
         ok = valid[:, None, None, :].expand(batch, 1, q_len, total)
         if causal:
             ok = ok & (k_pos[None, :] <= q_pos[:, None])[None, None]
-        mask = ok if mask_kind in ("none", "bool") else torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))
+        if mask_kind in ("none", "bool"):
+            mask = ok
+        else:
+            mask = torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, float("-inf"))
     q = torch.randn(batch, heads, q_len, dim, dtype=dtype, generator=g)
     k = torch.randn(batch, kv_heads, total, dim, dtype=dtype, generator=g)
     v = torch.randn(batch, kv_heads, total, dim, dtype=dtype, generator=g)
@@ -165,7 +168,8 @@ def check_model(atol: float = 1e-4) -> bool:
     err = float((outs["dense"] - outs["segment"]).abs().max())
     gerr = max(float((grads["dense"][n] - grads["segment"][n]).abs().max()) for n in grads["dense"])
     ok = err <= atol and gerr <= atol
-    print(f"{'PASS' if ok else 'FAIL'} tiny llama (GQA, left padding, random blocks): logits {err:.2e}, grads {gerr:.2e}")
+    print(f"{'PASS' if ok else 'FAIL'} tiny llama (GQA, left padding, random blocks): "
+          f"logits {err:.2e}, grads {gerr:.2e}")
     return ok
 
 

@@ -212,7 +212,7 @@ def _base_is_causal_padding(attention_mask: torch.Tensor, layout: Layout, b: int
     ``sdpa_mask`` builds for a causal model with a 2-D padding mask), else None. Costs one pass over the mask; the
     plan cache runs it once per forward call."""
     base = attention_mask[..., :s]
-    if base.dim() != 4 or base.shape[1] != 1 or base.shape[-2] != t or base.shape[-1] != s or base.shape[0] not in (1, b):
+    if base.dim() != 4 or base.shape[1] != 1 or base.shape[-2:] != (t, s) or base.shape[0] not in (1, b):
         return None
     if base.dtype == torch.bool:
         visible = base[:, 0]
@@ -501,6 +501,7 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
             mask = mask.to(query.dtype)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, is_causal=part.is_causal,
                                             scale=scaling, enable_gqa=gqa)  # (G, H, L, D)
+        del qg, kg, vg  # without grad, free the gathered copies before the next part and the output gather
         outs.append(og.transpose(1, 2).reshape(part.groups * part.q_len, h, d))
     rows = outs[0] if len(outs) == 1 else torch.cat(outs)
     return _GatherRows.apply(rows, 0, plan.out).view(b, t, h, d), None
@@ -560,10 +561,11 @@ def _tile_classes_counted(layout: Layout, key_ok: torch.Tensor | None, b: int, t
     any_vis = visible > 0
     all_vis = visible == tile * tile  # an edge tile (outside the sequence) is never fully visible
     if layout.causal:
-        q_lo = torch.full((n_q,), torch.iinfo(torch.long).max, device=dev).scatter_reduce(0, q_tile, layout.q_pos, "amin")
-        q_hi = torch.full((n_q,), torch.iinfo(torch.long).min, device=dev).scatter_reduce(0, q_tile, layout.q_pos, "amax")
-        k_lo = torch.full((n_k,), torch.iinfo(torch.long).max, device=dev).scatter_reduce(0, k_tile, layout.k_pos, "amin")
-        k_hi = torch.full((n_k,), torch.iinfo(torch.long).min, device=dev).scatter_reduce(0, k_tile, layout.k_pos, "amax")
+        def tile_ends(n, tiles, pos):  # first and last position of each tile
+            lo = pos.new_zeros(n).scatter_reduce(0, tiles, pos, "amin", include_self=False)
+            return lo, pos.new_zeros(n).scatter_reduce(0, tiles, pos, "amax", include_self=False)
+
+        (q_lo, q_hi), (k_lo, k_hi) = tile_ends(n_q, q_tile, layout.q_pos), tile_ends(n_k, k_tile, layout.k_pos)
         below = k_hi[None, :] <= q_lo[:, None]  # every key of the tile is at or before every query
         above = k_lo[None, :] > q_hi[:, None]  # no key of the tile is visible
         any_vis &= ~above[None]
