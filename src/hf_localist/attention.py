@@ -54,6 +54,9 @@ class LocalistState:
     centroids: torch.Tensor | None = None  # (max_blocks + 1, E) block centroids (centroid assignment, recruitment)
     block_enabled: torch.Tensor | None = None  # (max_blocks + 1,) bool: a disabled block takes no token
     block_info: dict = field(default_factory=dict)  # slot -> recruitment record (step, size, dL, ...)
+    # Where block recruitment stands: {"done", "stop_reason", "passes", "step"}; None before any pass. Saved with the
+    # model, so that a router can tell that a specialist's block recruitment is exhausted (DESIGN.md section 7).
+    recruitment_status: dict | None = None
     lambda_threshold: torch.Tensor | None = None  # (L, H, n_active) from estimate_constants(...).threshold()
     last_prox: Any = None  # ProxStats of the latest proximal step
     # Callables probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out) run after each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -14,6 +15,18 @@ from .patch import apply_localist
 from .persistence import load_localist_state
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
+
+
+def has_localist_state(path: str | os.PathLike) -> bool:
+    """Whether the local model directory ``path`` was saved after ``apply_localist`` (it carries localist settings)."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, LOCALIST_CONFIG_NAME)):
+        return True
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            return isinstance(json.load(fh).get(MODEL_CONFIG_KEY), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class AutoLocalistModel:

@@ -2,7 +2,8 @@
 
 Settings live in ``localist_config.json`` / ``config.json``; tensors that cannot be derived from the settings
 go to ``localist_state.safetensors`` (safetensors only: no pickle on load), written atomically. Block records
-(recruitment) go to ``localist_blocks.json``: ``{"active_blocks", "subspace_rank", "blocks": {slot: record}}``;
+(recruitment) go to ``localist_blocks.json``: ``{"active_blocks", "subspace_rank", "blocks": {slot: record},
+"recruitment_status"}``;
 loading it restores those two config fields too, so a checkpoint brings back which slots are blocks.
 """
 
@@ -32,10 +33,11 @@ def save_localist_state(handle, directory: str) -> str | None:
     if "block_enabled" in tensors:
         tensors["block_enabled"] = tensors["block_enabled"].to(torch.uint8)  # safetensors stores bool, but be explicit
     cfg = handle.config
-    if handle.state.block_info or getattr(cfg, "recruitment", None) is not None:
+    if handle.state.block_info or getattr(cfg, "recruitment", None) is not None or handle.state.recruitment_status:
         # Which slots are blocks is part of the model: a checkpoint resumed into a freshly built config gets them back.
         record = {"active_blocks": cfg.active_blocks, "subspace_rank": cfg.subspace_rank,
-                  "blocks": {str(k): v for k, v in handle.state.block_info.items()}}
+                  "blocks": {str(k): v for k, v in handle.state.block_info.items()},
+                  "recruitment_status": handle.state.recruitment_status}
         atomic_write_text(os.path.join(directory, BLOCKS_FILE), json.dumps(record, indent=2, default=float))
     if not tensors:
         return None
@@ -47,8 +49,13 @@ def save_localist_state(handle, directory: str) -> str | None:
 
 
 def load_localist_state(handle, directory: str) -> bool:
-    """Load state tensors from ``directory`` into ``handle`` if the file exists; returns whether it did."""
-    path = os.path.join(os.fspath(directory), STATE_FILE)
+    """Load state tensors and block records from ``directory`` into ``handle`` where their files exist; returns
+    whether it loaded anything."""
+    loaded = _load_tensors(handle, os.path.join(os.fspath(directory), STATE_FILE))
+    return _load_block_records(handle, directory) or loaded
+
+
+def _load_tensors(handle, path: str) -> bool:
     if not os.path.isfile(path):
         return False
     try:
@@ -67,6 +74,10 @@ def load_localist_state(handle, directory: str) -> bool:
                 f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {expected} {what}"
             )
         setattr(handle.state, name, value.bool() if name == "block_enabled" else value.to(torch.float32))
+    return True
+
+
+def _load_block_records(handle, directory: str) -> bool:
     blocks_path = os.path.join(os.fspath(directory), BLOCKS_FILE)
     if os.path.isfile(blocks_path):
         try:
@@ -75,9 +86,14 @@ def load_localist_state(handle, directory: str) -> bool:
             if "blocks" not in record:  # older files: {slot: info}
                 record = {"blocks": record}
             handle.state.block_info = {int(k): v for k, v in record["blocks"].items()}
+            status = record.get("recruitment_status")
+            if status is not None and not isinstance(status, dict):
+                raise TypeError(f"recruitment_status must be an object, got {type(status).__name__}")
+            handle.state.recruitment_status = status
             restored = {k: record[k] for k in ("active_blocks", "subspace_rank") if k in record}
         except (ValueError, OSError, AttributeError, TypeError) as e:
             raise LocalistLoadError(f"{blocks_path!r} is corrupt ({e}): re-save the model") from e
         if restored:
             handle.config.update(**restored)
-    return True
+        return True
+    return False

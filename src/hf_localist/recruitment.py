@@ -364,17 +364,24 @@ def recruit(model, data: Iterable, config: RecruitmentConfig | dict | None = Non
     decisions: list[dict] = []
     empty = 0
     passes = 0
+    stop_reason = None
     while max_passes is None or passes < max_passes:
         result = run_pass(handle, rcfg, source, held, step=passes, pass_index=passes)
         passes += 1
         decisions.extend(result.decisions)
         write_log(log_path, result.decisions)
-        if result.stop_reason:
-            break
         empty = 0 if result.accepted else empty + 1
-        if empty >= rcfg.patience:
+        stop_reason = result.stop_reason or ("pass_accepted_nothing" if empty >= rcfg.patience else None)
+        if stop_reason:
             break
+    set_status(handle, done=stop_reason is not None, stop_reason=stop_reason, passes=passes, step=passes)
     return decisions
+
+
+def set_status(handle, *, done: bool, stop_reason: str | None, passes: int, step: int) -> None:
+    """Record where block recruitment stands on the handle (saved with the model: ``localist_blocks.json``)."""
+    _handle_of(handle).state.recruitment_status = {"done": bool(done), "stop_reason": stop_reason,
+                                                   "passes": int(passes), "step": int(step)}
 
 
 class RecruitmentCallback(TrainerCallback, ExportableState):
@@ -458,6 +465,7 @@ class RecruitmentCallback(TrainerCallback, ExportableState):
             self.done, self.stop_reason = True, result.stop_reason
         elif self.empty_passes >= rcfg.patience:
             self.done, self.stop_reason = True, "pass_accepted_nothing"
+        set_status(handle, done=self.done, stop_reason=self.stop_reason, passes=self.passes, step=state.global_step)
         self.decisions.extend(result.decisions)
         if state.is_world_process_zero and args.output_dir:
             write_log(os.path.join(args.output_dir, self.log_file), result.decisions)

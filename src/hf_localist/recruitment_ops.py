@@ -152,6 +152,23 @@ def anchors_visible(block_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def confusion(handle, rec, t: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-query confusion of the forward just recorded in ``rec`` (its last ``t`` positions), all (B, T) on CPU.
+
+    Returns ``(H_t, valid, confused)``: H_t averaged over the localised layers ``l >= first_local_layer``; valid
+    queries (not padding); ``confused = valid & isfinite(H_t) & (H_t > ln max(|A_b(t)|, 1) + epsilon)``.
+    """
+    local = [layer for layer in rec.layers if layer >= handle.config.first_local_layer]
+    if not local:
+        raise LocalistError("recruitment needs diagnostics of a localised layer: none was recorded")
+    ent = torch.stack([rec.per_query(layer, "entropy") for layer in local]).mean(dim=0)  # (B, T)
+    ctx = handle.state.ctx
+    blocks = ctx.block_ids[:, -t:].cpu()
+    valid = ctx.query_valid[:, -t:].cpu()
+    bound = torch.log(anchors_visible(blocks).clamp_min(1).double()).float() + epsilon
+    return ent, valid, valid & torch.isfinite(ent) & (ent > bound)
+
+
 def collect_confused(handle, batches: Sequence[dict], epsilon: float, max_tokens: int, with_layers: bool,
                      gen: torch.Generator) -> Confused:
     """Run ``batches``, record H_t, keep confused tokens: ``H_t > ln max(|A_b(t)|, 1) + epsilon``.
@@ -183,21 +200,12 @@ def collect_confused(handle, batches: Sequence[dict], epsilon: float, max_tokens
             captured.clear()
             with torch.no_grad(), handle.record() as rec:
                 model(**{k: v for k, v in batch.items() if k != "labels"})
-            ctx = handle.state.ctx
-            t = batch["input_ids"].shape[1]
-            local = [layer for layer in rec.layers if layer >= l0]
-            if not local:
-                raise LocalistError("recruitment needs diagnostics of a localised layer: none was recorded")
-            ent = torch.stack([rec.per_query(layer, "entropy") for layer in local]).mean(dim=0)  # (B, T)
-            blocks = ctx.block_ids[:, -t:].cpu()
-            valid = ctx.query_valid[:, -t:].cpu()
+            ent, valid, confused = confusion(handle, rec, batch["input_ids"].shape[1], epsilon)
             finite = torch.isfinite(ent)
             res.n_nonfinite += int((valid & ~finite).sum())  # includes each sequence's first (sink-only) query
             res.n_queries += int((valid & finite).sum())
             ent_sum += float(ent[valid & finite].sum())
             res.max_len = max(res.max_len, int(valid.sum(dim=1).max()))
-            bound = torch.log(anchors_visible(blocks).clamp_min(1).double()).float() + epsilon
-            confused = valid & finite & (ent > bound)
             idx = confused.nonzero()  # (m, 2) (row, position)
             res.n_confused += idx.shape[0]
             if idx.shape[0] > per_batch:

@@ -160,7 +160,7 @@ class LocalistRouterModel(PreTrainedModel):
         self._root = root
         base_loc = resolve_entry_path(root, "the base model", cfg.base_model_path, cfg.base_source)
         try:
-            base = AutoModelForCausalLM.from_pretrained(base_loc, use_safetensors=True, **(model_kwargs or {}))
+            base = rs.load_causal_lm(base_loc, **(model_kwargs or {}))
         except Exception as e:  # noqa: BLE001
             raise LocalistLoadError(f"the base model: cannot load {base_loc!r} ({type(e).__name__}: {e})") from e
         base.eval().requires_grad_(False)

@@ -3,7 +3,8 @@
 - :func:`fit_router`: a classifier on pooled base hidden states, trained on domain-labelled data (labels name
   specialists);
 - :func:`init_router_from_prompts`: class-mean prototypes from a few example prompts per specialist;
-- :func:`recruit_specialist`: inputs with ``H_domain > gamma ln M`` are clustered (k-means on pooled hidden
+- :func:`recruit_specialist`: inputs with ``H_domain > gamma ln M``, or routed to a specialist whose block
+  recruitment is exhausted and still confused (:mod:`hf_localist.router_exhaustion`), are clustered (k-means on pooled hidden
   states); per cluster a candidate specialist (a LoRA adapter on the base by default) is trained briefly and
   accepted iff ``dL_total = dL_data + dL_model <= -theta_LLM`` with ``theta_LLM = r * theta_block``;
   ``dL_data`` is the change in summed held-out NLL (nats) when the cluster's held-out inputs are routed to the
@@ -27,6 +28,9 @@ from torch import nn
 
 from .errors import LocalistConfigError
 from .router_config import check_r, resolve_entry_path, resolve_theta_block
+from .router_exhaustion import exhausted_inputs
+
+TRIGGERS = ("both", "entropy", "exhausted")
 
 logger = logging.getLogger(__name__)
 
@@ -244,11 +248,14 @@ class RouterRecruitmentResult:
     """What a recruitment pass saw and decided. ``decisions``: one dict per candidate (also logged)."""
 
     n_inputs: int
-    n_confused: int
+    n_confused: int  # inputs flagged by either trigger
     threshold: float  # gamma ln M (nats)
     theta_llm: float
     decisions: list[dict[str, Any]] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)
+    n_entropy: int = 0  # flagged by H_domain > gamma ln M
+    n_exhausted: int = 0  # flagged by the chosen specialist's exhausted block recruitment
+    specialist_status: list[dict[str, Any]] = field(default_factory=list)  # block recruitment per routed-to specialist
 
 
 def summed_nll(fn, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> tuple[float, int]:
@@ -346,7 +353,8 @@ def recruit_specialist(router, data: Any, *, output_dir: str | os.PathLike | Non
                        min_cluster_size: int = 8, min_silhouette: float = 0.2, train_steps: int = 60,
                        lr: float = 3e-3, batch_size: int = 8, heldout_fraction: float = 0.3,
                        name_prefix: str = "recruited", log_path: str | os.PathLike | None = None,
-                       refit_steps: int = 200, seed: int = 0) -> RouterRecruitmentResult:
+                       refit_steps: int = 200, seed: int = 0, trigger: str = "both",
+                       min_confused_fraction: float = 0.5, epsilon: float | None = None) -> RouterRecruitmentResult:
     """One pass of LLM-level recruitment on unlabelled ``data`` (texts or token id lists).
 
     Inputs with ``H_domain > gamma ln M`` are clustered (k-means on standardised pooled hidden states; k given by
@@ -361,7 +369,13 @@ def recruit_specialist(router, data: Any, *, output_dir: str | os.PathLike | Non
     :func:`fit_router` in this session, the whole router is then refit on that data plus the cluster, labelled
     with the new name. Later clusters are judged against the updated router. "With the candidate routed" means
     the cluster's held-out inputs go to the candidate alone; "without" is the router as it is (its routing mode).
-    With a single specialist H_domain is always 0, so nothing is confused: recruit from two specialists up.
+    With a single specialist H_domain is always 0, so nothing is confused by the entropy trigger.
+
+    ``trigger``: which inputs are candidates. ``'entropy'``: ``H_domain > gamma ln M``; ``'exhausted'``: inputs
+    routed (argmax) to a specialist whose block recruitment is exhausted and which is still confused on at least
+    ``min_confused_fraction`` of their tokens (``H_t > ln max(|A_b(t)|, 1) + epsilon`` inside the specialist;
+    ``epsilon`` defaults to the specialist's own; see :mod:`hf_localist.router_exhaustion`); ``'both'`` (default):
+    the union. Each decision records which trigger flagged its cluster's members.
     """
     cfg = router.config
     gamma = cfg.gamma if gamma is None else gamma
@@ -375,15 +389,25 @@ def recruit_specialist(router, data: Any, *, output_dir: str | os.PathLike | Non
         raise LocalistConfigError(f"candidate={candidate!r} is invalid: choose 'lora' or 'full'")
     if not 0.0 < heldout_fraction < 1.0:
         raise LocalistConfigError(f"heldout_fraction={heldout_fraction!r} must lie in (0, 1)")
+    if trigger not in TRIGGERS:
+        raise LocalistConfigError(f"trigger={trigger!r} is invalid: choose one of {list(TRIGGERS)}")
     theta_llm = r * theta_block
     seqs, x, probs = route_data(router, data)
     n_spec = len(router.specialist_names)
     threshold = gamma * math.log(n_spec)
     h = torch.special.entr(probs).sum(-1)
-    confused = (h > threshold).nonzero().squeeze(1).tolist()
+    by_entropy = (h > threshold).nonzero().squeeze(1).tolist() if trigger != "exhausted" else []
+    by_exhaustion, statuses = [], []
+    if trigger != "entropy" and seqs:
+        by_exhaustion, statuses = exhausted_inputs(router, seqs, probs.argmax(-1), pad_id=_pad_id(router),
+                                                   epsilon=epsilon, min_confused_fraction=min_confused_fraction)
+    confused = sorted(set(by_entropy) | set(by_exhaustion))
     result = RouterRecruitmentResult(len(seqs), len(confused), threshold, theta_llm)
+    result.n_entropy, result.n_exhausted, result.specialist_status = len(by_entropy), len(by_exhaustion), statuses
     _log({"event": "llm_recruitment_scan", "n_inputs": len(seqs), "n_confused": len(confused),
-          "threshold": threshold, "gamma": gamma, "M": n_spec, "theta_LLM": theta_llm}, log_path)
+          "n_entropy_trigger": len(by_entropy), "n_exhausted_trigger": len(by_exhaustion), "trigger": trigger,
+          "specialists": statuses, "threshold": threshold, "gamma": gamma, "M": n_spec, "theta_LLM": theta_llm},
+         log_path)
     if len(confused) < min_cluster_size:
         return result
     z = ((x - router.feature_mean) / router.feature_scale).float()
@@ -395,7 +419,7 @@ def recruit_specialist(router, data: Any, *, output_dir: str | os.PathLike | Non
         output_dir = tempfile.mkdtemp(prefix="localist-recruited-")
         logger.warning("recruit_specialist: no output_dir, accepted specialists go to the temporary %s; save the "
                        "router with copy_specialists=True to keep them", output_dir)
-    confused_set = set(confused)
+    confused_set, entropy_set, exhausted_set = set(confused), set(by_entropy), set(by_exhaustion)
     for ci, members in enumerate(clusters):
         rng = random.Random(seed + ci)
         members = list(members)
@@ -420,6 +444,8 @@ def recruit_specialist(router, data: Any, *, output_dir: str | os.PathLike | Non
                     "dL_data": d_data, "dL_model": d_model, "dL_total": d_data + d_model, "k_params": k, "n": n,
                     "theta_LLM": theta_llm, "r": r, "theta_block": theta_block, "gamma": gamma,
                     "candidate": candidate, "train_steps": train_steps, "accepted": bool(accepted),
+                    "by_trigger": {"entropy": sum(i in entropy_set for i in members),
+                                   "exhausted": sum(i in exhausted_set for i in members)},
                     "reason": "accepted" if accepted else "no_gain", "name": name,
                     "path": path, "members": members}
         _log({k_: v for k_, v in decision.items() if k_ != "members"}, log_path)

@@ -16,11 +16,20 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from .auto import AutoLocalistModel, has_localist_state
 from .errors import LocalistConfigError, LocalistLoadError
 from .router_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LocalistRouterConfig, detect_kind, locate, read_json,
                             resolve_entry_path)
 
 logger = logging.getLogger("hf_localist.router")
+
+
+def load_causal_lm(path: str, **kwargs: Any) -> nn.Module:
+    """A causal LM from a local directory or Hub id; one saved after ``apply_localist`` comes back localist (its
+    dial, blocks and recruitment state), so that hard routing keeps the specialist's locality (DESIGN.md section 7)."""
+    if os.path.isdir(path) and has_localist_state(path):
+        return AutoLocalistModel.from_pretrained(path, use_safetensors=True, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
 
 
 class SpecialistPool:
@@ -67,7 +76,7 @@ class SpecialistPool:
             else:
                 self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
             return self.base
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **self.model_kwargs)
+        model = load_causal_lm(path, **self.model_kwargs)
         return model.to(self.base.device).eval().requires_grad_(False)
 
     def release(self, name: str) -> None:
