@@ -452,3 +452,18 @@ def test_heldout_without_tokens_of_a_cluster(trained4):
     decisions = recruit(model2, batches(trained4["train"][:64], 16), rconfig(), heldout=empty)
     assert decisions and {d["reason"] for d in decisions} == {"no_heldout_tokens"}
     assert handle2.config.active_block_list() == []
+
+
+def test_batches_from_transformers_collators_are_accepted():
+    """Trainer's collators return a BatchEncoding (a UserDict, not a dict): recruitment must take it."""
+    from transformers import BatchEncoding
+
+    from hf_localist.recruitment_ops import batches_of, clean_batch
+
+    ids = torch.tensor([[5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = clean_batch(BatchEncoding({"input_ids": ids, "attention_mask": mask}))
+    assert torch.equal(out["labels"], torch.tensor([[5, 6, 7, -100]]))
+    assert len(batches_of([BatchEncoding({"input_ids": ids[0]})] * 3, 2)) == 2
+    with pytest.raises(LocalistConfigError, match="got list"):
+        clean_batch([ids])

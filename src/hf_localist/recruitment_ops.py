@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,9 +28,12 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 
 # ---------------------------------------------------------------------------------------------- batches
 def clean_batch(batch: dict, device: torch.device | None = None) -> dict:
-    """input_ids, attention_mask and labels (labels default to input_ids with padding ignored) on ``device``."""
-    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
-        raise LocalistConfigError("recruitment batches must be dicts with an 'input_ids' tensor of shape (batch, seq)")
+    """input_ids, attention_mask and labels (labels default to input_ids with padding ignored) on ``device``.
+
+    ``batch``: any mapping (a dict, or the ``BatchEncoding`` that transformers' data collators return)."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        raise LocalistConfigError("recruitment batches must be dicts with an 'input_ids' tensor of shape (batch, seq), "
+                                  f"got {type(batch).__name__}")
     ids = batch["input_ids"]
     if ids.dim() == 1:
         ids = ids[None]
@@ -104,7 +108,7 @@ def batches_of(data: Any, batch_size: int) -> list[dict]:
     items = list(data)
     if not items:
         return []
-    if isinstance(items[0], dict) and isinstance(items[0].get("input_ids"), torch.Tensor) and items[0]["input_ids"].dim() == 1:
+    if isinstance(items[0], Mapping) and isinstance(items[0].get("input_ids"), torch.Tensor) and items[0]["input_ids"].dim() == 1:
         rows = [{k: torch.as_tensor(v) for k, v in it.items() if k in ("input_ids", "attention_mask", "labels")} for it in items]
         return [collate_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     return [clean_batch(b) for b in items]
