@@ -224,7 +224,7 @@ def _wrap_forward(base: nn.Module, state: LocalistState):
                 and not isinstance(out, tuple) and getattr(out, "loss", None) is not None:
             from .penalty import add_penalty_to_output
 
-            add_penalty_to_output(base.localist_handle, out, bound.get("labels"), kwargs.get("num_items_in_batch"))
+            out = add_penalty_to_output(base.localist_handle, out, bound.get("labels"), kwargs.get("num_items_in_batch"))
         cache = _output_cache(out)
         if cache is None:
             cache = _cache_arg(bound)

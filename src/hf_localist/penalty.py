@@ -9,17 +9,21 @@ is what makes whole groups exactly zero under the proximal step
 
 applied as ``W <- W - (1 - s) (W U_i) U_i^T`` (exact for mutually orthogonal subspaces). A K head read by several
 query heads carries the sum of their lambdas (the same norm appears once per such head in the penalty).
+
+Sharded parameters (FSDP2, DTensor) are read whole (``qk.qk_head_weights`` all-gathers them), so every norm is the
+norm of the full group; the proximal step shrinks the full weight and each rank writes its shard back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .errors import LocalistError
-from .qk import head_counts, kv_head_of, qk_head_weights
+from .qk import head_counts, kv_head_of, qk_head_weights, write_back
 from .subspaces import head_blocks, layer_subspaces
 
 
@@ -162,10 +166,12 @@ def prox_step(handle, lr: float) -> ProxStats:
     subspaces = layer_subspaces(handle)
     zq, zk = [], []
     for layer in range(len(handle.attention_modules)):
-        wq, wk = qk_head_weights(handle, layer)
+        gathered: dict = {}  # sharded (FSDP2) weights: shrink the full weight, then write each rank's shard back
+        wq, wk = qk_head_weights(handle, layer, gathered=gathered)
         u = subspaces[layer].to(wq.device)
         zq.append(_shrink(wq, u, lam[layer], lr))
         zk.append(_shrink(wk, u, lam_k[layer], lr))
+        write_back(gathered)
     stats = ProxStats(zero_q=torch.stack(zq).cpu(), zero_k=torch.stack(zk).cpu(), penalised_q=lam > 0,
                       penalised_k=lam_k > 0)
     handle.state.last_prox = stats
@@ -210,8 +216,33 @@ def _loss_shifts_labels(model) -> bool:
     return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss
 
 
-def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in_batch) -> None:
-    """Loss mode: ``outputs.loss += coef * penalty * share``; ``outputs.localist_loss = penalty``.
+_WITH_LOCALIST_LOSS: dict[type, type] = {}
+
+
+def _with_localist_loss(out, value: torch.Tensor):
+    """``out`` with a ``localist_loss`` entry: an instance of a subclass of its ``ModelOutput`` class that declares the
+    field (cached per class), so that the output survives pytree flatten/unflatten (``DistributedDataParallel``
+    rebuilds the output as ``type(out)(**dict(out))``: a key that is not a dataclass field makes it raise)."""
+    cls = type(out)
+    if not dataclasses.is_dataclass(out):
+        out["localist_loss"] = value  # a plain dict (or other mapping)
+        return out
+    if "localist_loss" not in {f.name for f in dataclasses.fields(out)}:
+        sub = _WITH_LOCALIST_LOSS.get(cls)
+        if sub is None:
+            name = f"{cls.__name__}WithLocalistLoss"
+            field = ("localist_loss", "torch.FloatTensor | None", dataclasses.field(default=None))
+            sub = dataclasses.make_dataclass(name, [field], bases=(cls,), namespace={"__module__": __name__})
+            globals()[name] = sub  # importable by name (pickle, pytree serialisation)
+            _WITH_LOCALIST_LOSS[cls] = sub
+        out = sub(**dict(out.items()))
+    out["localist_loss"] = value
+    return out
+
+
+def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in_batch):
+    """Loss mode: ``outputs.loss += coef * penalty * share``; ``outputs.localist_loss = penalty``. Returns the output
+    (a subclass instance of the model's output class that declares ``localist_loss``; see ``_with_localist_loss``).
 
     ``share`` keeps the total right under gradient accumulation. When the Trainer passes ``num_items_in_batch``
     (token-normalised loss, summed over micro-batches without dividing by the accumulation steps), each micro-batch
@@ -232,5 +263,5 @@ def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in
         n_micro = (counted != -100).sum()
         total = num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
         share = n_micro.to(pen.device).float() / total
-    out["localist_loss"] = pen.detach()
     out["loss"] = out["loss"] + cfg.localist_loss_coef * pen * share
+    return _with_localist_loss(out, pen.detach())

@@ -16,13 +16,33 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .distributed import full_tensor, is_dtensor, write_full_
 from .errors import UnsupportedArchitectureError
 
 
-def _weight(module: nn.Module, name: str, grad: bool = False) -> torch.Tensor | None:
+_SHAPES: dict = {}  # sentinel for ``gathered``: shapes only (meta tensors), nothing is gathered
+
+
+def _weight(module: nn.Module, name: str, grad: bool = False, gathered: dict | None = None) -> torch.Tensor | None:
     # peft wraps the projection: the frozen weight lives at base_layer.weight.
     weight = projection_module(module, name).weight
-    return weight.grad if grad else weight
+    t = weight.grad if grad else weight
+    if gathered is _SHAPES and t is not None:
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    if not is_dtensor(t):
+        return t
+    # Sharded (FSDP2 / DTensor): work on the full weight; ``gathered`` lets a writer put it back (prox_step).
+    if gathered is not None and weight in gathered:
+        return gathered[weight]
+    full = full_tensor(t)
+    if gathered is not None:
+        gathered[weight] = full
+    return full
+
+
+def input_size(handle) -> int:
+    """E: the input size of the Q/K projections, read from the weights' shapes (sharded weights are not gathered)."""
+    return int(qk_head_weights(handle, 0, gathered=_SHAPES)[0].shape[-1])
 
 
 def projection_module(module: nn.Module, name: str) -> nn.Module:
@@ -37,10 +57,14 @@ def head_counts(handle) -> tuple[int, int, int]:
     return spec.num_heads(cfg), spec.num_kv_heads(cfg), spec.head_dim(cfg)
 
 
-def qk_head_weights(handle, layer: int, grad: bool = False):
+def qk_head_weights(handle, layer: int, grad: bool = False, gathered: dict | None = None):
     """(W_Q (H, D, E), W_K (H_kv, D, E)) of attention layer ``layer``, as views of the weights.
 
     With ``grad=True`` the same views of the weights' ``.grad`` (``(None, None)`` before any backward).
+
+    Sharded parameters (DTensor, e.g. FSDP2's ``fully_shard``) are all-gathered: the views are then of the full
+    weight (differentiable; see ``distributed.full_tensor``), not of the parameter. To write through them, pass a
+    dict as ``gathered`` (filled with ``{parameter: full weight}``) and call ``write_back(gathered)`` afterwards.
     """
     spec = handle.spec
     module = handle.attention_modules[layer]
@@ -48,7 +72,7 @@ def qk_head_weights(handle, layer: int, grad: bool = False):
     if spec.layout not in ("linear", "conv1d_fused", "fused_qkv", "neox_interleaved"):
         raise UnsupportedArchitectureError(f"no Q/K layout {spec.layout!r} for model_type={spec.model_type!r}")
     if spec.layout == "linear":
-        wq, wk = _weight(module, spec.q_proj, grad), _weight(module, spec.k_proj, grad)
+        wq, wk = _weight(module, spec.q_proj, grad, gathered), _weight(module, spec.k_proj, grad, gathered)
         if wq is None or wk is None:
             return None, None
         if wq.dim() != 2 or wq.shape[0] != h * d:
@@ -56,7 +80,7 @@ def qk_head_weights(handle, layer: int, grad: bool = False):
         if wk.dim() != 2 or wk.shape[0] != h_kv * d:
             raise _layout_error(spec, spec.k_proj, wk, f"(H_kv*D, E) = ({h_kv * d}, E)")
         return wq.view(h, d, wq.shape[1]), wk.view(h_kv, d, wk.shape[1])
-    w = _weight(module, spec.q_proj, grad)
+    w = _weight(module, spec.q_proj, grad, gathered)
     if w is None:
         return None, None
     if spec.layout == "conv1d_fused":
@@ -77,6 +101,12 @@ def qk_head_weights(handle, layer: int, grad: bool = False):
     e = w.shape[1]
     per_head = w.view(h, 3, d, e)  # rows grouped per head as [q_h | k_h | v_h]
     return per_head[:, 0], per_head[:, 1]
+
+
+def write_back(gathered: dict) -> None:
+    """Put the full weights ``qk_head_weights(..., gathered=...)`` handed out back into their sharded parameters."""
+    for param, full in gathered.items():
+        write_full_(param, full)
 
 
 def _layout_error(spec, name: str, weight: torch.Tensor, expected: str) -> UnsupportedArchitectureError:

@@ -35,10 +35,10 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import theory
+from . import distributed, theory
 from .centroid import activate_block, ensure_slots, set_block_enabled
 from .errors import LocalistConfigError, LocalistError
-from .qk import qk_head_weights
+from .qk import input_size
 from .recruitment_config import RecruitmentConfig
 from .recruitment_ops import (BatchSource, Proposal, batches_of, choose_clusters, clean_batch, collate_rows,
                               collect_confused, code_length, coordinate_group, count_params,
@@ -65,7 +65,7 @@ def _handle_of(model_or_handle):
 
 
 def _hidden(handle) -> int:
-    return int(qk_head_weights(handle, 0)[0].shape[-1])
+    return input_size(handle)
 
 
 def prepare(handle) -> None:
@@ -223,7 +223,27 @@ def run_pass(handle, rcfg: RecruitmentConfig, source: BatchSource, heldout: Sequ
     device = next(handle.base.parameters()).device
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _run_pass(handle, rcfg, source, heldout, step, pass_index)
+        result = _run_pass(handle, rcfg, source, heldout, step, pass_index)
+    return _agree(handle, result)
+
+
+def _agree(handle, result: PassResult) -> PassResult:
+    """Multi-process (DDP): make rank 0's pass everyone's.
+
+    Every rank ran the same seeded pass on the same data (the callback feeds it unsharded batches), so the ranks
+    normally agree already; floating-point non-determinism (GPU kernels) could still tip a decision. Rank 0's
+    result, localist state (active blocks, centroids, enabled flags, subspaces, thresholds, block records) and, when
+    any rank accepted a block (the weights a budget trained), its trainable parameters are broadcast. A rank that
+    rejected everything restored its pre-pass weights, which the ranks share.
+    """
+    if not distributed.is_distributed():
+        return result
+    trained = distributed.any_rank(bool(result.accepted))
+    result = distributed.broadcast_object(result)
+    restore_state(handle, distributed.broadcast_object(snapshot_state(handle)))
+    if trained:
+        distributed.broadcast_tensors_(p for p in handle.model.parameters() if p.requires_grad)
+    return result
 
 
 def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
@@ -384,6 +404,18 @@ def set_status(handle, *, done: bool, stop_reason: str | None, passes: int, step
                                                    "passes": int(passes), "step": int(step)}
 
 
+def _unsharded_heldout(loader, batch_size: int | None, limit: int | None) -> list[dict]:
+    """Held-out batches of the whole eval set on every rank (a data-parallel eval dataloader gives each rank a
+    shard), batched as one process would batch them; for an iterable dataset, rank 0's batches."""
+    ds = getattr(loader, "dataset", None)
+    if ds is not None and hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):
+        plain = torch.utils.data.DataLoader(ds, batch_size=batch_size or getattr(loader, "batch_size", None) or 1,
+                                            shuffle=False, collate_fn=loader.collate_fn,
+                                            drop_last=bool(getattr(loader, "drop_last", False)))
+        return list(itertools.islice(plain, limit))
+    return distributed.broadcast_object(list(itertools.islice(loader, limit)))
+
+
 class RecruitmentCallback(TrainerCallback, ExportableState):
     """Runs a recruitment pass every ``every`` optimizer steps (default ``config.recruitment.every``).
 
@@ -426,10 +458,13 @@ class RecruitmentCallback(TrainerCallback, ExportableState):
             raise LocalistError("recruitment needs the Trainer's train dataloader")
         ds = getattr(train_dataloader, "dataset", None)
         if ds is not None and hasattr(ds, "__getitem__") and hasattr(ds, "__len__"):
+            # Batches of the global batch size, from the whole dataset: every rank of a data-parallel run samples the
+            # same batches, the same as one process with the same global batch would.
             return BatchSource(dataset=ds, collate_fn=train_dataloader.collate_fn,
-                               batch_size=args.per_device_train_batch_size)
+                               batch_size=args.train_batch_size * max(args.world_size, 1))
         n = self._rcfg.diagnostic_batches + self._rcfg.budget_steps
-        return BatchSource(batches=[b for b, _ in zip(train_dataloader, range(n))])
+        # An iterable dataset is sharded per rank: use rank 0's batches everywhere.
+        return BatchSource(batches=distributed.broadcast_object([b for b, _ in zip(train_dataloader, range(n))]))
 
     def _heldout(self, eval_dataloader) -> list[dict]:
         trainer = self._trainer
@@ -440,6 +475,9 @@ class RecruitmentCallback(TrainerCallback, ExportableState):
                 "block recruitment scores proposals on held-out tokens: pass eval_dataset to the Trainer (and use "
                 "LocalistTrainer, or call RecruitmentCallback.bind(trainer) with a plain Trainer)"
             )
+        if distributed.is_distributed():
+            return _unsharded_heldout(eval_dataloader, trainer.args.eval_batch_size if trainer is not None else None,
+                                      self._rcfg.heldout_batches or None)
         return list(itertools.islice(eval_dataloader, self._rcfg.heldout_batches or None))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):

@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .errors import LocalistConfigError, LocalistError
-from .qk import projection_module, qk_head_weights
+from .qk import input_size, projection_module
 
 
 def head_blocks(num_heads: int, num_kv_heads: int, active_blocks: list[int], general_fraction: float) -> torch.Tensor:
@@ -193,7 +193,7 @@ def layer_subspaces(handle) -> torch.Tensor:
         raise LocalistError(
             "LocalistConfig.subspace='pca' needs calibrated subspaces: call calibrate_subspaces(handle, loader) first"
         )
-    hidden = qk_head_weights(handle, 0)[0].shape[-1]
+    hidden = input_size(handle)
     key = (hidden, n_active, cfg.subspace_rank, len(handle.attention_modules))
     cached = handle.__dict__.get("_coordinate_subspaces")
     if cached is None or cached[0] != key:
