@@ -36,6 +36,9 @@ class CallContext:
     sink: torch.Tensor  # (B,) position of the first non-padding token
     query_valid: torch.Tensor  # (B, L) bool: not padding
     centroid_from: int | None = None  # centroid mode: first position whose block the layer-l0 hook assigns
+    # The soft-mode additive mask of the latest (alpha, shapes, base mask): equal for the layers of one call, so it is
+    # built once per call instead of once per layer. One entry (a (B, 1, T, S) tensor); cleared when the call returns.
+    mask_cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -213,7 +216,7 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
             )
         return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile)
     out, weights = dense_attention(query, key, value, attention_mask, layout, alpha_l, beta, scaling, dropout,
-                                   need_weights=need_weights, softcap=kwargs.get("softcap"))
+                                   need_weights=need_weights, softcap=kwargs.get("softcap"), mask_cache=ctx.mask_cache)
     for probe in state.probes:
         probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out)
     if recorder is not None:

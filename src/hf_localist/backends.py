@@ -83,17 +83,45 @@ def base_mask_as_float(attention_mask: torch.Tensor | None, layout: Layout, q_le
     return mask.float()
 
 
+def soft_mask(attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int, s: int) -> torch.Tensor:
+    """(B, 1, T, S) float32: base mask + block bias, rows without any visible key set to 0 (a padding query would
+    give NaN; it attends uniformly instead, and its output is unused)."""
+    mask = base_mask_as_float(attention_mask, layout, t, s) + block_bias(layout, alpha, beta_anchor)  # (B, 1, T, S)
+    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
+    return mask.masked_fill(dead, 0.0)
+
+
+def _cached_soft_mask(cache: dict | None, attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int,
+                      s: int) -> torch.Tensor:
+    """``soft_mask`` through the per-call ``cache`` (one entry). Within one forward call the layout is a function of
+    (T, S, causal, device), so a hit needs those, alpha, beta and the very same base-mask tensor at the same version."""
+    if cache is None:
+        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
+    key = (alpha, beta_anchor, t, s, layout.causal, layout.q_pos.device, torch.is_inference_mode_enabled())
+    try:
+        version = None if attention_mask is None else attention_mask._version
+    except RuntimeError:  # an inference tensor: no version counter, no caching
+        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
+    hit = cache.get("soft")
+    if hit is not None and hit[0] == key and hit[1] is attention_mask and hit[2] == version:
+        return hit[3]
+    mask = soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
+    cache["soft"] = (key, attention_mask, version, mask)
+    return mask
+
+
 def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: float, beta_anchor: float,
-                    scaling: float, dropout: float = 0.0, need_weights: bool = False, softcap: float | None = None):
-    """Reference localist attention: SDPA (or an explicit softmax) with base mask + block bias."""
+                    scaling: float, dropout: float = 0.0, need_weights: bool = False, softcap: float | None = None,
+                    mask_cache: dict | None = None):
+    """Reference localist attention: SDPA (or an explicit softmax) with base mask + block bias.
+
+    ``mask_cache``: a per-call dict (``CallContext.mask_cache``) through which the layers of one forward call share
+    the additive mask."""
     b, h, t, _ = query.shape
     s = key.shape[2]
     n_rep = h // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    mask = base_mask_as_float(attention_mask, layout, t, s) + block_bias(layout, alpha, beta_anchor)  # (B, 1, T, S)
-    # A row with no visible key (a padding query) would give NaN; attend uniformly instead (output is unused).
-    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
-    mask = mask.masked_fill(dead, 0.0)
+    mask = _cached_soft_mask(mask_cache, attention_mask, layout, alpha, beta_anchor, t, s)  # (B, 1, T, S)
     if not need_weights and softcap is None:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), dropout_p=dropout,
                                              scale=scaling)

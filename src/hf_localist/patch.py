@@ -219,7 +219,10 @@ def _wrap_forward(base: nn.Module, state: LocalistState):
         target_block_ids = kwargs.pop("target_block_ids", None)
         bound = signature.bind_partial(*args, **kwargs).arguments
         state.ctx = _call_context(state, bound, block_ids, target_block_ids)
-        out = original(*args, **kwargs)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            state.ctx.mask_cache.clear()  # do not hold a (B, 1, T, S) mask between calls
         if state.config.penalty == "loss" and base.training and torch.is_grad_enabled() \
                 and not isinstance(out, tuple) and getattr(out, "loss", None) is not None:
             from .penalty import add_penalty_to_output

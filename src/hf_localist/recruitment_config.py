@@ -20,7 +20,10 @@ def _help(text: str) -> dict[str, str]:
 class RecruitmentConfig:
     """When and how new blocks are recruited. Every threshold is in nats."""
 
-    every: int = field(default=200, metadata=_help("Run a recruitment pass every this many optimizer steps (>= 1)."))
+    every: int = field(default=1000, metadata=_help(
+        "Run a recruitment pass every this many optimizer steps (>= 1). A pass costs about 2 * budget_steps training "
+        "steps plus clustering and held-out scoring (~80-120 steps of a small model, see docs/benchmarks.md): keep "
+        "every >= 10x that for passes to take <= 10% of training time."))
     epsilon: float = field(
         default=0.2, metadata=_help("Confusion margin: token t is confused if H_t > ln max(|A_b(t)|, 1) + epsilon (>= 0).")
     )
