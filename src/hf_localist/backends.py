@@ -84,11 +84,13 @@ def base_mask_as_float(attention_mask: torch.Tensor | None, layout: Layout, q_le
 
 
 def soft_mask(attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int, s: int) -> torch.Tensor:
-    """(B, 1, T, S) float32: base mask + block bias, rows without any visible key set to 0 (a padding query would
-    give NaN; it attends uniformly instead, and its output is unused)."""
+    """(B, 1, T, S) float32: base mask + block bias. A row without any visible key (a padding query) would give NaN:
+    it sees key 0 alone instead (its output is unused; one key, not all, so that its chunk can still skip keys)."""
     mask = base_mask_as_float(attention_mask, layout, t, s) + block_bias(layout, alpha, beta_anchor)  # (B, 1, T, S)
-    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)
-    return mask.masked_fill(dead, 0.0)
+    dead = torch.isneginf(mask).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
+    first = torch.zeros(s, dtype=torch.bool, device=mask.device)
+    first[0] = True
+    return mask.masked_fill(dead & first, 0.0)
 
 
 def _cached_soft_mask(cache: dict | None, attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int,
@@ -110,6 +112,37 @@ def _cached_soft_mask(cache: dict | None, attention_mask, layout: Layout, alpha:
     return mask
 
 
+_SOFT_CHUNK = 256  # queries per SDPA call when the trailing keys of a chunk are all masked (causal layers)
+
+
+def key_extents(mask: torch.Tensor, t: int, s: int) -> list[tuple[int, int, int]] | None:
+    """Query chunks ``(a, b, e)``: rows ``a:b`` of ``mask`` (B, 1, T, S) see no key at or after column ``e``.
+
+    SDPA with an additive mask cannot skip the masked upper triangle of a causal layer: it costs about twice causal
+    SDPA. Calling it per chunk of 256 queries over keys ``:e`` skips that work and gives the same result (the
+    skipped keys have weight exp(-inf) = 0). None when nothing can be skipped (short or non-causal sequences).
+    """
+    if t < 2 * _SOFT_CHUNK:
+        return None
+    visible = ~torch.isneginf(mask)  # (B, 1, T, S)
+    extents = []
+    for a in range(0, t, _SOFT_CHUNK):
+        b = min(a + _SOFT_CHUNK, t)
+        cols = visible[:, :, a:b].any(dim=2).flatten(0, 1).any(dim=0).nonzero()  # (n, 1) visible key columns
+        extents.append((a, b, int(cols[-1]) + 1 if cols.numel() else 1))
+    return None if all(e == s for _, _, e in extents) else extents
+
+
+def _cached_key_extents(cache: dict | None, mask: torch.Tensor, t: int, s: int):
+    hit = None if cache is None else cache.get("extents")
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    extents = key_extents(mask, t, s)
+    if cache is not None:
+        cache["extents"] = (mask, extents)
+    return extents
+
+
 def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: float, beta_anchor: float,
                     scaling: float, dropout: float = 0.0, need_weights: bool = False, softcap: float | None = None,
                     mask_cache: dict | None = None):
@@ -123,8 +156,14 @@ def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: fl
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     mask = _cached_soft_mask(mask_cache, attention_mask, layout, alpha, beta_anchor, t, s)  # (B, 1, T, S)
     if not need_weights and softcap is None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.to(query.dtype), dropout_p=dropout,
-                                             scale=scaling)
+        extents = _cached_key_extents(mask_cache, mask, t, s)
+        m = mask.to(query.dtype)
+        if extents is None:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=m, dropout_p=dropout, scale=scaling)
+        else:  # query chunks, each over the keys up to its last visible one (the causal triangle is skipped)
+            out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, :e], value[:, :, :e],
+                                                            attn_mask=m[..., a:b, :e], dropout_p=dropout, scale=scaling)
+                             for a, b, e in extents], dim=2)  # (B, H, T, D)
         return out.transpose(1, 2).contiguous(), None
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
     if softcap is not None:
