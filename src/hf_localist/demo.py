@@ -1,26 +1,27 @@
-"""The ``hf-localist demo``: a tiny Llama trained from scratch on bundled AG News, then the dial swept.
+"""The ``hf-localist demo``: the dial, block recruitment and routing on bundled AG News, on CPU.
 
-What it does, end to end, on CPU and without any download:
+Three parts, end to end, without any download (``report.md``, ``results.json`` and PNG figures are written to the
+output directory):
 
-1. reads the bundled class-balanced AG News sample (``hf_localist/data/ag_news_sample.csv``; 4 topics: World,
-   Sports, Business, Sci/Tech) and builds a word-level tokenizer from its training split (``tokenizers``
-   ``WordLevel`` + ``Whitespace``, lower-cased), wrapped in ``PreTrainedTokenizerFast``;
-2. makes the 4 topics 4 localist blocks: ``add_block_tokens`` adds the anchor tokens ``<blk_world>``,
-   ``<blk_sports>``, ``<blk_business>``, ``<blk_scitech>``; a training sequence is ``[BOS]`` followed by 2-4
-   articles of different topics, each opened by its topic's anchor, so ``block_assignment='segment'`` finds the
-   blocks from the token ids alone;
-3. trains two copies of the same tiny ``LlamaForCausalLM`` (same initialisation, same batches): one with the dial
-   at ``alpha = 1`` (hard block mask, ``segment`` backend: each article attends only to itself and ``[BOS]``) and
-   one at ``alpha = 0`` (the plain model);
-4. sweeps the dial of each trained model over held-out multi-topic sequences, recording perplexity (anchor
-   tokens and padding excluded), attention entropy ``H_t``, pointer fidelity ``PF_t`` and block mass ``BM_t``;
-5. writes ``report.md`` and ``results.json`` and prints the table.
+1. **The dial** (this module). The bundled class-balanced AG News sample (``hf_localist/data/ag_news_sample.csv``;
+   4 topics: World, Sports, Business, Sci/Tech), a word-level tokenizer built from its training split, and the 4
+   topics as 4 localist blocks: ``add_block_tokens`` adds the anchors ``<blk_world>``, ``<blk_sports>``,
+   ``<blk_business>``, ``<blk_scitech>``; a training sequence is ``[BOS]`` and 2-4 articles of different topics,
+   each opened by its anchor, so ``block_assignment='segment'`` finds the blocks from the token ids. Two copies of
+   the same tiny ``LlamaForCausalLM`` (same initialisation, same batches) train from scratch, one with the dial at
+   ``alpha = 1`` (hard block mask, ``segment`` backend) and one at ``alpha = 0`` (the plain model); then the dial
+   of each is swept over held-out sequences (perplexity, attention entropy ``H_t``, pointer fidelity ``PF_t``,
+   block mass ``BM_t``), and the attention mass between blocks is measured at a few dial values.
+2. **Recruiting blocks from none** (:mod:`hf_localist.demo_recruit`): a content-blind model reads the articles
+   without anchors, in centroid mode with no active block, and recruitment passes (Algorithm 1) add blocks that pay
+   their code length; each block is reported with its top tokens and its purity against the topic labels.
+3. **Routing between specialists** (:mod:`hf_localist.demo_route`): per-topic fine-tunes of the part-1 plain
+   model behind a ``LocalistRouterModel``; hard, soft, top-2 and oracle routing, routing accuracy and confusion.
 
-Why two models: the dial is an inference-time setting, so the interesting questions are what turning it up does
-to a model trained without it, and what a model trained under it loses when it is turned back down. The sample is
-small (960 training articles): the full budget (160 steps of 16 sequences, about 8 passes over the articles) is
-about where held-out perplexity stops improving; the alpha = 1 copy, whose articles never see other context,
-starts to memorise sooner.
+Why two models in part 1: the dial is an inference-time setting, so the interesting questions are what turning
+it up does to a model trained without it, and what a model trained under it loses when it is turned back down.
+The sample is small (960 training articles): the full budget (160 steps of 16 sequences, about 8 passes over the
+articles) is about where held-out perplexity stops improving.
 """
 
 from __future__ import annotations
@@ -33,26 +34,30 @@ import platform
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any, Sequence
 
 import torch
 
-from .blocks import add_block_tokens
+from .blocks import add_block_tokens, segment_block_ids
 from .config import LocalistConfig
+from .demo_recruit import RecruitSettings
+from .demo_report import format_table, train_label as _train_label
+from .demo_route import RouteSettings
 from .patch import LocalistHandle, apply_localist
 
 TOPICS = ("world", "sports", "business", "scitech")
 TOPIC_TITLES = {"world": "World", "sports": "Sports", "business": "Business", "scitech": "Sci/Tech"}
 DIAL_VALUES = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+MASS_DIAL_VALUES = (0.0, 0.5, 0.9, 1.0)  # dial values of the attention-mass heatmaps
 DATA_FILE = "ag_news_sample.csv"
 UNK, PAD, BOS = "[UNK]", "[PAD]", "[BOS]"
 
 
 @dataclass
 class DemoSettings:
-    """Every knob of the demo (the CLI exposes only ``--quick`` and ``--seed``)."""
+    """Every knob of the demo (the CLI exposes ``--quick``, ``--seed`` and ``--threads``)."""
 
     steps: int = 160  # optimiser steps per trained model
     batch_size: int = 16  # sequences per step (each holds 2-4 articles)
@@ -70,10 +75,22 @@ class DemoSettings:
     eval_batch_size: int = 8
     train_alphas: tuple[float, ...] = (1.0, 0.0)
     dial_values: tuple[float, ...] = DIAL_VALUES
+    mass_dial_values: tuple[float, ...] = MASS_DIAL_VALUES
+    recruit: RecruitSettings = field(default_factory=RecruitSettings)
+    route: RouteSettings = field(default_factory=RouteSettings)
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(steps=60)
+QUICK = DemoSettings(steps=40, recruit=RecruitSettings(steps=100, every=50, budget_steps=15),
+                     route=RouteSettings(specialist_steps=15, router_steps=150))
+
+
+def plumbing_settings(base: DemoSettings, steps: int) -> DemoSettings:
+    """``steps`` training steps in every part and tiny budgets: checks the plumbing in seconds (tests, ``--steps``)."""
+    recruit = replace(base.recruit, steps=2 * steps, every=steps, budget_steps=2, diagnostic_batches=2,
+                      source_batches=4, min_cluster_tokens=8, heldout_train_fraction=0.0)
+    route = replace(base.route, specialist_steps=steps, router_steps=20)
+    return replace(base, steps=steps, recruit=recruit, route=route)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -245,7 +262,7 @@ def _add_block_tokens_quietly(tokenizer, model, config: LocalistConfig) -> Local
 
 
 def train(model, handle: LocalistHandle, sampler: TrainingSampler, settings: DemoSettings, alpha: float,
-          pad_id: int, desc: str) -> dict[str, Any]:
+          pad_id: int, desc: str, progress: bool = True) -> dict[str, Any]:
     """Plain torch loop (AdamW, linear warm-up, then linear decay) with the dial held at ``alpha``."""
     from tqdm.auto import tqdm
 
@@ -259,7 +276,7 @@ def train(model, handle: LocalistHandle, sampler: TrainingSampler, settings: Dem
     losses: list[float] = []
     start = time.perf_counter()
     with handle.dial(alpha):
-        bar = tqdm(range(settings.steps), desc=desc, unit="step", leave=True)
+        bar = tqdm(range(settings.steps), desc=desc, unit="step", leave=True, disable=not progress)
         for _ in bar:
             ids, mask = pad_batch(sampler.batch(settings.batch_size), pad_id)
             labels = ids.masked_fill(~scored_targets(ids, mask, anchor_ids), -100)
@@ -280,7 +297,7 @@ def train(model, handle: LocalistHandle, sampler: TrainingSampler, settings: Dem
 
 @torch.no_grad()
 def sweep(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]], dial_values: Sequence[float], pad_id: int,
-          batch_size: int, desc: str) -> list[dict[str, float]]:
+          batch_size: int, desc: str, progress: bool = True) -> list[dict[str, float]]:
     """Per dial value: perplexity on the scored tokens, and mean H_t, PF_t, BM_t over all layers and queries."""
     from tqdm.auto import tqdm
 
@@ -288,7 +305,7 @@ def sweep(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]], dial_val
     model.eval()
     rows = []
     batches = [pad_batch(seqs[i: i + batch_size], pad_id) for i in range(0, len(seqs), batch_size)]
-    for alpha in tqdm(dial_values, desc=desc, unit="alpha", leave=True):
+    for alpha in tqdm(dial_values, desc=desc, unit="alpha", leave=True, disable=not progress):
         nll, count = 0.0, 0
         with handle.dial(alpha), handle.record() as rec:
             for ids, mask in batches:
@@ -305,103 +322,93 @@ def sweep(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]], dial_val
     return rows
 
 
+@torch.no_grad()
+def attention_mass(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]], dial_values: Sequence[float],
+                   pad_id: int, batch_size: int, desc: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Per dial value: the (topics x topics) matrix of mean attention mass from a block's queries to each block.
+
+    Row i, column j: the attention a query of block i+1 puts on the positions of block j+1, with the sink
+    ([BOS]) excluded and the rest renormalised (as for BM_t), averaged over heads, localised layers and the
+    queries of block i+1; a row sums to 1 and its diagonal entry is that block's mean BM_t.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = handle.config
+    n = len(cfg.anchor_token_ids)
+    l0 = cfg.first_local_layer
+    model.eval()
+    batches = [pad_batch(seqs[i: i + batch_size], pad_id) for i in range(0, len(seqs), batch_size)]
+    out = []
+    for alpha in tqdm(dial_values, desc=desc, unit="alpha", leave=True, disable=not progress):
+        total = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+        count = torch.zeros(n + 1, dtype=torch.float64)
+        with handle.dial(alpha):
+            for ids, mask in batches:
+                attn = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+                blocks = segment_block_ids(ids, cfg.anchor_token_ids, cfg.general_token_id)
+                onehot = torch.nn.functional.one_hot(blocks[:, 1:], n + 1).double()  # keys without the sink
+                valid = mask.bool() & (blocks >= 1)
+                valid[:, 0] = False
+                for layer, p in enumerate(attn):
+                    if layer < l0:
+                        continue
+                    p = p[..., 1:].double() * mask[:, None, None, 1:]
+                    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+                    mass = torch.einsum("bhts,bsk->btk", p, onehot) / p.shape[1]  # mean over heads
+                    total.index_add_(0, blocks[valid], mass[valid])
+                    count.index_add_(0, blocks[valid], torch.ones(int(valid.sum()), dtype=torch.float64))
+        matrix = (total / count.clamp_min(1)[:, None])[1:, 1:]
+        out.append({"alpha": float(alpha), "matrix": [[round(float(v), 4) for v in row] for row in matrix],
+                    "queries": [int(c) for c in count[1:]]})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- report
-def _train_label(alpha: float) -> str:
-    kind = "localist" if alpha >= 1.0 else ("distributed" if alpha == 0.0 else "partial")
-    return f"α={alpha:g} ({kind})"
-
-
-def format_table(runs: Sequence[dict[str, Any]]) -> str:
-    """The markdown table of the sweep: one row per (trained-at, dial) pair."""
-    lines = ["| trained at | dial α | perplexity | × ppl at α=0 | H_t (nats) | PF_t | BM_t |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for run in runs:
-        base = run["sweep"][0]["perplexity"]
-        for row in run["sweep"]:
-            lines.append(
-                f"| {_train_label(run['train_alpha'])} | {row['alpha']:.2f} | {row['perplexity']:.1f} | "
-                f"{row['perplexity'] / base:.3f} | {row['entropy']:.3f} | {row['pointer_fidelity']:.3f} | "
-                f"{row['block_mass']:.3f} |")
-    return "\n".join(lines)
-
-
-def _report_markdown(results: dict[str, Any], table: str) -> str:
-    s, d, m = results["settings"], results["data"], results["machine"]
-    mode = "quick" if results["quick"] else "full"
-    runs = "; ".join(f"{_train_label(r['train_alpha'])}: {r['train_time_s']:.0f} s" for r in results["runs"])
-    losses = "; ".join(f"{_train_label(r['train_alpha'])}: {r['final_train_loss']:.2f}" for r in results["runs"])
-    paragraphs = [
-        "# hf_localist demo: the locality dial on a tiny Llama",
-        f"Command: `{results['command']}` ({mode} mode, seed {results['seed']}). Wall time "
-        f"{results['wall_time_s']:.0f} s with {m['cpu_threads']} torch CPU thread(s) on a machine with "
-        f"{m['cpu_count']} CPU cores; torch {m['torch']}, transformers {m['transformers']}.",
-        f"**Data.** {d['train_articles']} training and {d['test_articles']} held-out AG News articles (bundled, "
-        "class-balanced; the 4 topics World, Sports, Business, Sci/Tech are the 4 blocks). Each sequence is `[BOS]` "
-        "followed by 2-4 articles of different topics, each opened by its topic's anchor token (`<blk_world>`, "
-        "`<blk_sports>`, `<blk_business>`, `<blk_scitech>`), so `block_assignment='segment'` finds the blocks from "
-        f"the token ids. Word-level tokenizer of {d['vocab_size']:,} lower-cased words ({d['unk_rate']:.1%} of the "
-        "held-out tokens are `[UNK]`).",
-        f"**Model.** `LlamaForCausalLM` from a config: {s['num_layers']} layers, hidden {s['hidden_size']}, "
-        f"{s['num_heads']} heads, {results['model_parameters']:,} parameters. Two copies, same initial weights and "
-        f"same batches, trained from scratch for {s['steps']} steps of {s['batch_size']} sequences, one with the "
-        "dial at 1 (hard block mask on the `segment` backend: each article attends only to itself and `[BOS]`), "
-        f"one at 0 (the plain model). Training time: {runs}. Final training loss (nats, mean of the last 10 "
-        f"steps): {losses}.",
-        f"**Evaluation.** {d['eval_sequences']} held-out multi-topic sequences ({d['eval_tokens']:,} scored tokens). "
-        "The dial is swept at inference time on the trained weights, with no retraining. For scale: an add-one "
-        f"unigram model of the training tokens has perplexity {results['unigram_perplexity']:.1f} on the same tokens.",
-        table,
-        "Columns:\n"
-        "- **trained at**: the dial during training (`α=1`: localist, a hard block mask; `α=0`: the plain model).\n"
-        "- **dial α**: the dial at evaluation, the same on every layer (uniform schedule). A query in block b gets "
-        "`log(1 - α)` added to its attention logits on keys of the other blocks: α=0 is the unmodified model, α=1 a "
-        "hard block mask.\n"
-        "- **perplexity**: exp of the mean next-token negative log-likelihood (nats) over the held-out article "
-        "tokens; anchor tokens and padding are not scored.\n"
-        "- **× ppl at α=0**: perplexity divided by the same model's perplexity at dial 0.\n"
-        "- **H_t**: attention entropy of a query in nats, with the attention sink (`[BOS]`) dropped and the rest "
-        "renormalised; averaged over heads, layers and queries. Lower is more focused.\n"
-        "- **PF_t** (pointer fidelity): the attention mass a query puts on its own block's anchor token (sink "
-        "excluded).\n"
-        "- **BM_t** (block mass): the attention mass a query puts on its own block (sink excluded). It is 1 at α=1 by "
-        "construction; below 1 it shows how much the query reads from the other articles.",
-        "All numbers, the settings and the training losses are in `results.json` next to this file. Per-layer values "
-        "come from `handle.record()` (`DiagnosticsRecorder.summary()['layers']`).",
-    ]
-    return "\n\n".join(paragraphs) + "\n"
 
 
 def run_demo(output_dir: str | os.PathLike = "./demo_report", quick: bool = False, seed: int = 0,
-             steps: int | None = None, print_table: bool = True, num_threads: int | None = None) -> dict[str, Any]:
-    """Run the demo; write ``report.md`` and ``results.json`` into ``output_dir``; return the results dict.
+             steps: int | None = None, print_table: bool = True, num_threads: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run the demo; write ``report.md``, ``results.json`` and the PNG figures into ``output_dir``; return the
+    results dict.
 
-    ``quick`` uses a shorter training budget. ``steps`` overrides the number of training steps (for tests).
-    ``num_threads`` sets torch's intra-op CPU threads for the run (restored afterwards; None leaves them as they
-    are). Deterministic for a given seed.
+    ``quick`` uses shorter budgets. ``steps`` runs every part with that many training steps and tiny budgets
+    (checks the plumbing; tests). ``num_threads`` sets torch's intra-op CPU threads for the run (restored
+    afterwards; None leaves them as they are). ``progress`` shows tqdm progress bars. Deterministic for a seed.
     """
     if num_threads is None:
-        return _run_demo(output_dir, quick, seed, steps, print_table)
+        return _run_demo(output_dir, quick, seed, steps, print_table, progress)
     if num_threads < 1:
         raise ValueError(f"num_threads={num_threads} must be >= 1")
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _run_demo(output_dir, quick, seed, steps, print_table)
+        return _run_demo(output_dir, quick, seed, steps, print_table, progress)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table: bool) -> dict[str, Any]:
+def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table: bool,
+              progress: bool) -> dict[str, Any]:
     import transformers
 
+    from .demo_figures import write_figures
+    from .demo_recruit import run_recruitment
+    from .demo_report import printed_tables, report_markdown
+    from .demo_route import run_routing
+
     wall = time.perf_counter()
+    times: dict[str, float] = {}
     settings = QUICK if quick else FULL
     if steps is not None:
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
-        settings = DemoSettings(**{**asdict(settings), "steps": int(steps)})
+        settings = plumbing_settings(settings, int(steps))
+    output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
 
+    # ---- part 1: the dial
+    t0 = time.perf_counter()
     train_articles, test_articles = load_articles("train"), load_articles("test")
     tokenizer = build_tokenizer([a.text for a in train_articles], settings.vocab_size, settings.min_frequency)
     bos_id, pad_id, unk_id = tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id
@@ -413,6 +420,8 @@ def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table
     initial_state = None
     n_params = 0
     localist_config = None
+    mass = None
+    plain_model = None
     for train_alpha in settings.train_alphas:
         model = build_model(vocab_words, settings, bos_id, pad_id, seed)
         # The 4 topics become blocks 1..4: anchor tokens <blk_NAME> in the tokenizer, embeddings resized.
@@ -428,17 +437,39 @@ def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table
         handle = apply_localist(model, config)
         anchor_ids = handle.config.anchor_token_ids
         sampler = TrainingSampler(train_enc, bos_id, anchor_ids, seed=seed + 1)
-        log = train(model, handle, sampler, settings, train_alpha, pad_id, desc=f"train at dial {train_alpha:g}")
+        log = train(model, handle, sampler, settings, train_alpha, pad_id, desc=f"dial: train at α={train_alpha:g}",
+                    progress=progress)
         eval_seqs = held_out_sequences(test_enc, bos_id, anchor_ids, seed=seed + 2)
         rows = sweep(model, handle, eval_seqs, settings.dial_values, pad_id, settings.eval_batch_size,
-                     desc=f"sweep dial (trained at {train_alpha:g})")
+                     desc=f"dial: sweep (trained at α={train_alpha:g})", progress=progress)
         runs.append({"train_alpha": train_alpha, **{k: v for k, v in log.items() if k != "train_losses"},
                      "train_losses": [round(x, 4) for x in log["train_losses"]],
                      "backend_counts": dict(handle.state.backend_counts), "sweep": rows})
+        if train_alpha == 0.0:  # the plain model: attention mass by block, then the base of part 3
+            mass = {"model": _train_label(train_alpha), "train_alpha": train_alpha,
+                    "by_alpha": attention_mass(model, handle, eval_seqs, settings.mass_dial_values, pad_id,
+                                               settings.eval_batch_size, "dial: attention mass", progress)}
+            plain_model = handle.revert()
+    times["dial"] = time.perf_counter() - t0
 
     anchor_ids = localist_config.anchor_token_ids
     eval_seqs = held_out_sequences(test_enc, bos_id, anchor_ids, seed=seed + 2)
     scored = [t for s in eval_seqs for t in s[1:] if t not in set(anchor_ids)]
+
+    # ---- part 2: recruiting blocks from none (no anchors)
+    t0 = time.perf_counter()
+    recruitment = run_recruitment(tokenizer, train_enc, test_enc, settings.recruit, seed, len(TOPICS), progress,
+                                  vocab_size=vocab_words)  # no anchor tokens in this part
+    times["recruit"] = time.perf_counter() - t0
+
+    # ---- part 3: routing between specialists (base: the plain model of part 1)
+    t0 = time.perf_counter()
+    routing = None
+    if plain_model is not None:
+        routing = run_routing(plain_model, tokenizer, train_articles, test_articles, TOPICS, settings.route, seed,
+                              settings.max_article_tokens, progress)
+    times["route"] = time.perf_counter() - t0
+
     results: dict[str, Any] = {
         "command": "hf-localist demo" + (" --quick" if quick else "") + (f" --seed {seed}" if seed else ""),
         "quick": quick, "seed": seed, "settings": asdict(settings),
@@ -450,6 +481,9 @@ def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table
         "model_parameters": n_params,
         "unigram_perplexity": unigram_perplexity([ids for _, ids in train_enc], eval_seqs, len(tokenizer), anchor_ids),
         "runs": runs,
+        "attention_mass": mass,
+        "recruitment": recruitment,
+        "routing": routing,
         "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
@@ -457,14 +491,19 @@ def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table
     if steps is not None:
         results["command"] += f" (steps={steps})"
     table = format_table(runs)
-    results["wall_time_s"] = time.perf_counter() - wall
     results["table_markdown"] = table
+    titles = [TOPIC_TITLES[t] for t in TOPICS]
+    t0 = time.perf_counter()
+    results["figures"] = write_figures(results, output_dir, titles, _train_label)
+    times["figures"] = time.perf_counter() - t0
+    results["part_times_s"] = times
+    results["wall_time_s"] = time.perf_counter() - wall
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=2)
         fh.write("\n")
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as fh:
-        fh.write(_report_markdown(results, table))
+        fh.write(report_markdown(results, table, titles, _train_label))
     if print_table:
-        print(table)
+        print(printed_tables(results, table, titles))
         print(f"\nreport: {os.path.join(output_dir, 'report.md')}  ({results['wall_time_s']:.0f} s)")
     return results
