@@ -139,8 +139,14 @@ def main() -> None:
         result = run_recruit(out, batch) if name == "recruit" else run_penalty(name, out, batch)
         torch.save(result, os.path.join(out, f"{name}_rank{rank}.pt"))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done before the group goes: gloo aborts a rank whose peer left first
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Results are written. Skip interpreter teardown: with torch 2.13 + gloo on CPU, a rank sometimes aborts there
+    # ("terminate called without an active exception", a C++ thread destroyed at exit) after all work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -38,10 +38,18 @@ def _fsdp2_available() -> bool:
     return True
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this session (the launches start at the same time)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def _env() -> dict:
@@ -60,17 +68,25 @@ def _launch(worker: str, out: str, args: list[str], nproc: int | None) -> subpro
     cmd += [os.path.join(HERE, worker), out, *args]
     os.makedirs(out, exist_ok=True)
     log = open(os.path.join(out, "log.txt"), "w")
-    return subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+    proc.relaunch = lambda: _launch(worker, out, args, nproc)  # a new port, for a port taken meanwhile
+    return proc
 
 
 def _wait(proc: subprocess.Popen, out: str, timeout: float = 600) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = "timeout"
-    if rc != 0:
+    for attempt in range(2):
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        if rc == 0:
+            return
         tail = open(os.path.join(out, "log.txt")).read()[-4000:]
+        # Another program may take the rendezvous port between choosing and binding it: only then, try once more.
+        if attempt == 0 and ("Address already in use" in tail or "EADDRINUSE" in tail):
+            proc = proc.relaunch()
+            continue
         pytest.fail(f"{' '.join(map(str, proc.args))} failed ({rc}):\n{tail}")
 
 
