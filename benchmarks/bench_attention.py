@@ -375,15 +375,7 @@ def probe(spec: dict) -> dict:
 
 
 def run_probe(spec: dict, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(spec), "--threads", str(threads)]
-    # A fixed glibc mmap threshold: every buffer >= 64 KiB is mapped on allocation and unmapped on free, so resident
-    # memory follows the live buffers (with the default dynamic threshold it depends on the allocation history).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"memory probe {spec} failed:\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return benchlib.run_probe(__file__, spec, threads)
 
 
 def section_c(args) -> None:

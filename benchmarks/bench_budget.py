@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -264,13 +263,7 @@ def probe(spec: dict) -> dict:
 
 
 def run_probe(spec: dict, threads: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(spec), "--threads", str(threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"memory probe {spec} failed:\n{done.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return benchlib.run_probe(__file__, spec, threads)
 
 
 def section_memory(args) -> None:

@@ -93,6 +93,24 @@ def _trim_heap() -> None:
         pass
 
 
+def run_probe(script: str, spec: dict, threads: int) -> dict:
+    """Run ``script --probe JSON --threads N`` in a fresh subprocess and return the JSON line it prints.
+
+    A fixed glibc mmap threshold: every buffer >= 64 KiB is mapped on allocation and unmapped on free, so resident
+    memory follows the live buffers (with the default dynamic threshold it depends on the allocation history)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.abspath(script), "--probe", json.dumps(spec), "--threads", str(threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"memory probe {spec} failed:\n{done.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def peak_rss_growth(fn: Callable[[], object]) -> tuple[float, str]:
     """Peak growth of resident memory (MiB) during one call of ``fn``, and the method used.
 

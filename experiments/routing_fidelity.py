@@ -258,7 +258,7 @@ def main(argv=None) -> dict:
         states = layer_inputs(model, topic_seqs, pad_id, s.first_local_layer)
         centroids[topic] = kmeans_centroids(states, s.n_blocks, args.seed + t)
         thresholds[topic] = coverage_threshold(states, centroids[topic], s.target_coverage)
-        handle = make_localist(model, centroids[topic], thresholds[topic], s)
+        make_localist(model, centroids[topic], thresholds[topic], s)
         ex._train(model, topic_seqs, s.specialist_steps, s.specialist_lr, s.batch_size, pad_id, args.seed + 10 + t,
                   f"localist specialist {topic}")
         with torch.no_grad():

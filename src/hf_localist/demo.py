@@ -46,6 +46,7 @@ from .demo_recruit import RecruitSettings
 from .demo_report import format_table, train_label as _train_label
 from .demo_route import RouteSettings
 from .patch import LocalistHandle, apply_localist
+from .router_recruit import pad_right
 
 TOPICS = ("world", "sports", "business", "scitech")
 TOPIC_TITLES = {"world": "World", "sports": "Sports", "business": "Business", "scitech": "Sci/Tech"}
@@ -202,13 +203,7 @@ def held_out_sequences(encoded: Sequence[tuple[int, list[int]]], bos_id: int, an
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``attention_mask``."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    return pad_right(seqs, pad_id)
 
 
 def scored_targets(ids: torch.Tensor, mask: torch.Tensor, anchor_ids: Sequence[int]) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 
 from .config import LocalistConfig
 from .patch import apply_localist
+from .router_recruit import pad_right
 from . import theory
 from .centroid import activate_block
 from .recruitment import prepare, run_pass
@@ -109,12 +110,7 @@ def group_articles(encoded: Sequence[tuple[int, list[int]]], rng: random.Random,
 
 
 def make_batch(seqs: Sequence[list[int]], pad_id: int) -> dict:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_right(seqs, pad_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 

@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .router_recruit import pad_right
+
 
 @dataclass
 class RouteSettings:
@@ -33,14 +35,7 @@ class RouteSettings:
     eval_batch_size: int = 16
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids, mask
+_pad = pad_right  # right-padded (input_ids, attention_mask)
 
 
 def fine_tune(model, seqs: Sequence[list[int]], s: RouteSettings, pad_id: int, seed: int, bar=None) -> float:
