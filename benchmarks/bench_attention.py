@@ -38,7 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backends import Layout, flex_attention_hard, repeat_kv, segment_attention  # noqa: E402
+from hf_localist.backend_flex import flex_attention_hard  # noqa: E402
+from hf_localist.backends import Layout, repeat_kv, segment_attention  # noqa: E402
 
 try:  # absent before the plan cache existed: the script then also measures the original backends (git history)
     from hf_localist.backends import _segment_plan, clear_plan_cache

@@ -95,7 +95,7 @@ def same_block_mask(layout, mask, b: int, t: int, s: int) -> bool:
     ``mask_mod`` evaluated everywhere): a wrongly 'full' tile would skip the mask in the compiled kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from hf_localist.backends import _flex_block_mask
+    from hf_localist.backend_flex import _flex_block_mask
 
     ours = _flex_block_mask(layout, mask, b, t, s)
     ref = create_block_mask(ours.mask_mod, b, None, t, s, device="cpu")
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'PASS' if ok else 'FAIL'} case {i} {shown} beta={beta} {str(spec['dtype'])[6:]}: "
                   f"out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}")
         if args.flex and beta == 0.0 and spec["total"] >= 1:
-            from hf_localist.backends import flex_attention_hard
+            from hf_localist.backend_flex import flex_attention_hard
 
             with torch.no_grad():
                 ref, _ = dense_attention(q, k, v, mask, layout, 1.0, 0.0, scaling)

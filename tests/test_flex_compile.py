@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_localist as hl
-from hf_localist import backends
+from hf_localist import backend_flex, backends
 
 T = 192
 
@@ -32,8 +32,8 @@ def test_compiled_flex_builds_one_mask_per_layout_and_compiles_once(monkeypatch)
                                          num_attention_heads=4, num_key_value_heads=2)).eval()
     handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, backend="flex", block_assignment="explicit"))
     builds = []
-    real = backends._flex_block_mask
-    monkeypatch.setattr(backends, "_flex_block_mask", lambda *a: builds.append(1) or real(*a))
+    real = backend_flex._flex_block_mask
+    monkeypatch.setattr(backend_flex, "_flex_block_mask", lambda *a: builds.append(1) or real(*a))
     backends.clear_plan_cache()
     outs = []
     with torch.no_grad():

@@ -34,7 +34,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backends import Layout, clear_plan_cache, flex_attention_hard  # noqa: E402
+from hf_localist.backend_flex import flex_attention_hard  # noqa: E402
+from hf_localist.backends import Layout, clear_plan_cache  # noqa: E402
 from hf_localist.blocks import anchor_flags  # noqa: E402
 
 

@@ -18,7 +18,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .backends import Layout, dense_attention, flex_attention_hard, segment_attention
+from .backend_flex import flex_attention_hard
+from .backends import Layout, dense_attention, segment_attention
 from .config import LocalistConfig
 from .errors import BackendError, LocalistStateError
 from .recorder import DiagnosticsRecorder
