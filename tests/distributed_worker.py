@@ -97,14 +97,16 @@ def snapshot(handle, model, extra: dict | None = None) -> dict:
     return out
 
 
-def run_penalty(mode: str, out: str, batch: int) -> dict:
+def run_penalty(mode: str, out: str, batch: int, accumulation: int = 1) -> dict:
+    """``accumulation > 1``: micro-batches of ``batch // accumulation`` (the same global batch per optimizer step)."""
     model = tiny_llama()
     lam = 0.05 if mode == "loss" else 50.0  # prox: large enough for exact zeros within the first steps
     handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit", max_blocks=3,
                                                         penalty=mode, penalty_lambda=lam, localist_loss_coef=1.0,
                                                         general_head_fraction=0.25))
-    trainer = LocalistTrainer(model=model, args=args_for(os.path.join(out, mode), batch, max_steps=4),
-                              train_dataset=penalty_data(), data_collator=collate)
+    args = args_for(os.path.join(out, f"{mode}_{accumulation}"), batch // accumulation, max_steps=4,
+                    gradient_accumulation_steps=accumulation)
+    trainer = LocalistTrainer(model=model, args=args, train_dataset=penalty_data(), data_collator=collate)
     trainer.train()
     return snapshot(handle, model)
 
@@ -133,10 +135,15 @@ def run_recruit(out: str, batch: int) -> dict:
 
 def main() -> None:
     out, batch = sys.argv[1], int(sys.argv[2])
-    runs = sys.argv[3].split(",") if len(sys.argv) > 3 else ["loss", "prox", "recruit"]
+    runs = sys.argv[3].split(",") if len(sys.argv) > 3 else ["loss", "loss_accum", "prox", "recruit"]
     rank = int(os.environ.get("RANK", "0"))
     for name in runs:
-        result = run_recruit(out, batch) if name == "recruit" else run_penalty(name, out, batch)
+        if name == "recruit":
+            result = run_recruit(out, batch)
+        elif name == "loss_accum":  # gradient accumulation 2: the loss term's share over micro-batches and ranks
+            result = run_penalty("loss", out, batch, accumulation=2)
+        else:
+            result = run_penalty(name, out, batch)
         torch.save(result, os.path.join(out, f"{name}_rank{rank}.pt"))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank done before the group goes: gloo aborts a rank whose peer left first

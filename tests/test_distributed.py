@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RUNS = ("loss", "prox", "recruit")
+RUNS = ("loss", "loss_accum", "prox", "recruit")  # loss_accum: gradient accumulation 2, same global batch
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -219,3 +219,13 @@ def test_fsdp2_group_norms_and_prox_equal_the_unsharded_computation(fsdp_run, ar
         for key, tol in FSDP_TOLERANCE.items():
             assert res[key] <= tol, f"rank {rank}, {arch}: {key} differs from the unsharded computation by {res[key]}"
         assert res["prox_zero_groups"] == res["prox_zero_groups_ref"] > 0
+
+
+def test_gradient_accumulation_gives_the_same_step_as_one_large_batch(ddp_runs):
+    """Loss penalty, global batch 4 per optimizer step: 1 process x 4, 1 process x 2 x accumulation 2, and 2 ranks x 1
+    x accumulation 2 reach the same weights (the penalty's num_items_in_batch share sums to one per step)."""
+    big, _ = ddp_runs["loss"]
+    single_accum, (ddp_accum, _) = ddp_runs["loss_accum"]
+    for name, p in big["params"].items():
+        torch.testing.assert_close(single_accum["params"][name], p, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp_accum["params"][name], p, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
