@@ -31,6 +31,7 @@ from . import router_store as rs
 from .errors import LocalistConfigError, LocalistError, LocalistLoadError
 from .router_config import (LocalistRouterConfig, LocalistRouterGenerateOutput, LocalistRouterOutput, RoutingDecision,
                             resolve_entry_path)
+from .router_generate import generate_hard, generate_mixture, upcast as _upcast
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +211,9 @@ class LocalistRouterModel(PreTrainedModel):
         """Load (and so fully check) the given specialists now, instead of on first use."""
         for name in names or self.specialist_names:
             self.get_specialist(name)
+
+    def _specialist_at(self, m: int) -> nn.Module:
+        return self._pool.get(self.specialist_names[m])
 
     def _index_of(self, name: Any) -> int:
         names = self.specialist_names
@@ -398,72 +402,12 @@ class LocalistRouterModel(PreTrainedModel):
                        position_ids=pos)
         used = d.chosen.unique().tolist()
         with self._pool.pinned([self.specialist_names[m] for m in used]):
-            seqs = (self._generate_hard if d.mode == "hard" else self._generate_mixture)(d, ids, mask, pos, opts)
+            generate = generate_hard if d.mode == "hard" else generate_mixture
+            seqs = generate(self._specialist_at, d, ids, mask, pos, opts)
         if return_dict_in_generate:
             return LocalistRouterGenerateOutput(sequences=seqs, router_probs=d.router_probs, chosen=d.chosen,
                                                 domain_entropy=d.domain_entropy)
         return seqs
-
-    def _generate_hard(self, d, ids, mask, pos, opts):
-        kw = {k: opts[k] for k in ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")}
-        if opts["do_sample"]:
-            kw.update({k: opts[k] for k in ("temperature", "top_k", "top_p") if opts[k] is not None})
-        pieces = {}
-        for m in d.chosen[:, 0].unique().tolist():
-            idx = (d.chosen[:, 0] == m).nonzero().squeeze(1)
-            pieces[m] = (idx, self._pool.get(self.specialist_names[m]).generate(
-                input_ids=ids[idx], attention_mask=mask[idx], **kw))
-        width = max(p.shape[1] for _, p in pieces.values())
-        out = ids.new_full((ids.shape[0], width), opts["pad_token_id"])
-        for idx, p in pieces.values():
-            out[idx, : p.shape[1]] = p
-        return out
-
-    def _generate_mixture(self, d, ids, mask, pos, opts):
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        warpers = LogitsProcessorList()
-        if opts["do_sample"]:
-            if opts["temperature"] not in (None, 1.0):
-                warpers.append(TemperatureLogitsWarper(opts["temperature"]))
-            if opts["top_k"]:
-                warpers.append(TopKLogitsWarper(opts["top_k"]))
-            if opts["top_p"] is not None and opts["top_p"] < 1.0:
-                warpers.append(TopPLogitsWarper(opts["top_p"]))
-        eos = opts["eos_token_id"]
-        eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=ids.device)
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos
-        state = {}
-        for m in d.chosen.unique().tolist():
-            sel = d.chosen == m
-            rows = sel.any(1).nonzero().squeeze(1)
-            state[m] = [rows, torch.where(sel, d.log_weights, 0.0).sum(1)[rows], None]
-        seq, finished = ids, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        step_ids, step_pos = ids, pos
-        for _ in range(opts["max_new_tokens"]):
-            mixed = None
-            for m, (rows, log_w, cache) in state.items():
-                model = self._pool.get(self.specialist_names[m])
-                out = model(input_ids=step_ids[rows], attention_mask=mask[rows], position_ids=step_pos[rows],
-                            past_key_values=cache, use_cache=True)
-                state[m][2] = out.past_key_values
-                lp = _upcast(out.logits[:, -1]).log_softmax(-1) + log_w[:, None]
-                mixed = lp.new_full((ids.shape[0], lp.shape[-1]), -torch.inf) if mixed is None else mixed
-                mixed = mixed.index_copy(0, rows, torch.logaddexp(mixed[rows], lp))
-            if opts["do_sample"]:
-                scores = warpers(seq, mixed)
-                nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-            else:
-                nxt = mixed.argmax(-1)
-            nxt = torch.where(finished, torch.full_like(nxt, opts["pad_token_id"]), nxt)
-            seq = torch.cat([seq, nxt[:, None]], 1)
-            finished = finished | torch.isin(nxt, eos)
-            if bool(finished.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            step_pos = step_pos[:, -1:] + 1
-            step_ids = nxt[:, None]
-        return seq
 
     # ------------------------------------------------------------------ fitting and recruitment
     def fit_router(self, dataset: Any, **kwargs: Any) -> dict[str, Any]:
@@ -510,11 +454,6 @@ class LocalistRouterModel(PreTrainedModel):
         return rs.push_router(self, repo_id, private=private, token=token, commit_message=commit_message,
                               create_pr=create_pr, revision=revision, push_base=push_base,
                               specialist_repo=specialist_repo)
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision logits; float32 / float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _read_model_config(loc: str, what: str):
