@@ -132,3 +132,60 @@ def test_recruitment_from_the_exhausted_trigger_alone(zoo, tmp_path):
     assert scan["specialists"][0]["reason"] == "pass_accepted_nothing"
     with pytest.raises(LocalistConfigError, match="trigger='blocks'"):
         router.recruit_specialist(sure, trigger="blocks")
+
+
+def test_lora_specialists_on_a_localist_base(tmp_path):
+    """A localist base comes back localist inside the router, and a LoRA specialist on it runs with the base's blocks:
+    hard routing equals the adapter applied to the base loaded with AutoLocalistModel."""
+    from peft import PeftModel, get_peft_model
+
+    from hf_localist import AutoLocalistModel
+
+    base = tiny_llama(0, torch.float64)
+    # Anchor tokens 3 and 4 open blocks 1 and 2 (segment assignment): the text itself carries the blocks.
+    apply_localist(base, LocalistConfig(alpha=1.0, anchor_token_ids=[3, 4], block_names=["a", "b"]))
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = get_peft_model(AutoLocalistModel.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    router = LocalistRouterModel.from_specialists(tmp_path / "base", {"lora": tmp_path / "lora",
+                                                                      "plain": tmp_path / "base"})
+    assert router.base_model_loaded.localist_handle.config.anchor_token_ids == [3, 4]
+    x = torch.tensor([[1, 3, 10, 11, 12, 4, 20, 21, 3, 13], [1, 4, 30, 31, 3, 14, 15, 16, 17, 18]])
+    with torch.no_grad():
+        out = router(x, route_to=["lora", "lora"])
+        alone = PeftModel.from_pretrained(AutoLocalistModel.from_pretrained(tmp_path / "base"), tmp_path / "lora")
+        ref = alone(input_ids=x).logits
+        alone.base_model.model.localist_handle.set_dial(0.0)
+        distributed = alone(input_ids=x).logits
+    torch.testing.assert_close(out.logits, ref, rtol=0, atol=1e-10)
+    assert not torch.allclose(ref, distributed), "the blocks must change the specialist's output"
+
+
+def test_candidates_on_a_localist_base_train_under_its_blocks(tmp_path, monkeypatch):
+    from hf_localist import router_recruit
+
+    base = tiny_llama(0, torch.float32)
+    apply_localist(base, LocalistConfig(alpha=1.0, anchor_token_ids=[3, 4], block_names=["a", "b"]))
+    base.save_pretrained(tmp_path / "base")
+    plain = tiny_llama(1, torch.float32)
+    plain.save_pretrained(tmp_path / "other")
+    router = LocalistRouterModel.from_specialists(tmp_path / "base", {"x": tmp_path / "other", "y": tmp_path / "base"},
+                                                  theta_block=0.0, theta_ratio=50)
+    trained = []
+    real = router_recruit._train_candidate
+
+    def spy(*a, **kw):
+        model, k, n = real(*a, **kw)
+        trained.append(model)
+        return model, k, n
+
+    monkeypatch.setattr(router_recruit, "_train_candidate", spy)
+    data = [[1, 3] + [10 + (i * 7 + j) % 50 for j in range(14)] for i in range(24)]
+    router.recruit_specialist(data, gamma=0.0, n_clusters=1, min_cluster_size=8, train_steps=2,
+                              lora_config=LoraConfig(r=1, lora_alpha=2, target_modules=["q_proj"]),
+                              output_dir=tmp_path / "new")
+    (candidate,) = trained
+    inner = candidate.base_model.model  # PeftModel -> LoraModel -> the causal LM
+    assert inner.localist_handle.config.anchor_token_ids == [3, 4]

@@ -270,7 +270,16 @@ class LocalistRouterModel(PreTrainedModel):
         kw = {} if position_ids is None else {"position_ids": position_ids[:, :n]}
         with torch.no_grad(), self._pool.base_only() as base:
             backbone = getattr(base, base.base_model_prefix, base)
-            h = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state.float()
+            if getattr(base, "localist_handle", None) is None:
+                h = backbone(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state.float()
+            else:  # a localist base computes its blocks in its own (outer) forward: run it, read the backbone's output
+                seen = []
+                hook = backbone.register_forward_hook(lambda _m, _a, out: seen.append(out.last_hidden_state))
+                try:
+                    base(input_ids=ids, attention_mask=mask, use_cache=False, **kw)
+                finally:
+                    hook.remove()
+                h = seen[-1].float()
         m = mask[..., None].float()
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 

@@ -274,12 +274,13 @@ def summed_nll(fn, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int =
 
 def _train_candidate(router, seqs, candidate: str, lora_config: Any, steps: int, lr: float, batch_size: int,
                      seed: int):
-    from transformers import AutoModelForCausalLM
+    from .router_store import load_causal_lm
 
     cfg = router.config
     base_loc = resolve_entry_path(router._root, "the base model", cfg.base_model_path, cfg.base_source)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_loc, use_safetensors=True)
+    # A localist base gives a localist candidate: it trains under the blocks it will run with inside the router.
+    model = load_causal_lm(base_loc)
     if candidate == "lora":
         import warnings
 
