@@ -218,14 +218,7 @@ def model_b2(kind: str, blocks: int | None = None):
 def run_model(model, ids, block_ids, grad: bool):
     """One forward (no grad) or forward+backward; the layout plan is rebuilt in every call (a new batch)."""
     clear_plan_cache()
-    kw = {} if block_ids is None else {"block_ids": block_ids}
-    if not grad:
-        with torch.no_grad():
-            return model(input_ids=ids, **kw).logits
-    loss = model(input_ids=ids, labels=ids, **kw).loss
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return loss.detach()
+    return benchlib.model_step(model, ids, grad, **({} if block_ids is None else {"block_ids": block_ids}))
 
 
 def section_b2(args) -> None:

@@ -137,12 +137,7 @@ def section_soft(args) -> None:
             def run(model, kw, grad=grad):
                 def call():
                     clear_plan_cache()
-                    if grad:
-                        model(input_ids=ids, labels=ids, **kw).loss.backward()
-                        model.zero_grad(set_to_none=True)
-                    else:
-                        with torch.no_grad():
-                            model(input_ids=ids, **kw)
+                    benchlib.model_step(model, ids, grad, **kw)
                 return call
             rounds = args.rounds or (3 if args.quick else 7)
             t = benchlib.interleaved({"sdpa": run(sdpa, {}), "soft": run(soft, {"block_ids": bids})}, rounds)
@@ -252,11 +247,7 @@ def probe(spec: dict) -> dict:
 
         def call():
             clear_plan_cache()
-            if what == "fwd":
-                with torch.no_grad():
-                    return model(input_ids=ids, **kw).logits
-            model(input_ids=ids, labels=ids, **kw).loss.backward()
-            model.zero_grad(set_to_none=True)
+            return benchlib.model_step(model, ids, what != "fwd", **kw)
     call()
     mib, method = benchlib.peak_rss_growth(call)
     return {"mib": mib, "method": method}

@@ -192,6 +192,18 @@ def tiny_llama(hidden: int, layers: int, heads: int, head_dim: int, seed: int = 
     return LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
 
 
+def model_step(model, ids: torch.Tensor, grad: bool, **kwargs):
+    """One forward (no grad; returns the logits) or forward+backward on the LM loss of ``ids`` (returns the loss;
+    gradients are cleared again). ``kwargs`` go to the model (``block_ids``)."""
+    if not grad:
+        with torch.no_grad():
+            return model(input_ids=ids, **kwargs).logits
+    loss = model(input_ids=ids, labels=ids, **kwargs).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def equal_blocks(batch: int, seq: int, num_blocks: int) -> torch.Tensor:
     """(batch, seq) block ids 1..num_blocks in equal contiguous runs."""
     return (torch.arange(seq) * num_blocks // seq + 1)[None].expand(batch, seq).contiguous()

@@ -36,8 +36,13 @@ here). The scripts run on CPU in at most 15 minutes each on 2 cores.
 """
 
 
-def make_parser(name: str, description: str) -> argparse.ArgumentParser:
+def make_parser(name: str, description: str, render: bool = False) -> argparse.ArgumentParser:
+    """The common arguments; ``render=True`` adds ``--render`` (rebuild the docs section and figures from the
+    results.json already in --out_dir, without running the experiment)."""
     parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=description)
+    if render:
+        parser.add_argument("--render", action="store_true", help="only re-render the docs section and figure "
+                            "from the results.json already in --out_dir (no training)")
     parser.add_argument("--quick", action="store_true", help="smoke-test size (seconds, not minutes)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest on a shared "

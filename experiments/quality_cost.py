@@ -364,9 +364,7 @@ def render(args, out: Path) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = C.make_parser(NAME, "Perplexity cost of full locality, uniform vs progressive schedules")
-    parser.add_argument("--render", action="store_true", help="only re-render the docs section and figure from the "
-                        "results.json already in --out_dir (no training)")
+    parser = C.make_parser(NAME, "Perplexity cost of full locality, uniform vs progressive schedules", render=True)
     args = parser.parse_args(argv)
     C.setup(args)
     out = C.out_dir(args, NAME)

@@ -318,9 +318,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = C.make_parser(NAME, "Does group-lasso localisation switch on at the predicted lambda_threshold?")
-    parser.add_argument("--render", action="store_true", help="only re-render the docs section and figure from the "
-                        "results.json already in --out_dir (no training)")
+    parser = C.make_parser(NAME, "Does group-lasso localisation switch on at the predicted lambda_threshold?", render=True)
     args = parser.parse_args(argv)
     C.setup(args)
     import time

@@ -145,13 +145,7 @@ def section_model(args, device: torch.device, dtype: torch.dtype) -> None:
 
         def call(model, blocks_fn):
             def go():
-                kw = {} if blocks_fn is None else {"block_ids": blocks_fn()}
-                if grad:
-                    model(input_ids=ids, labels=ids, **kw).loss.backward()
-                    model.zero_grad(set_to_none=True)
-                else:
-                    with torch.no_grad():
-                        model(input_ids=ids, **kw)
+                benchlib.model_step(model, ids, grad, **({} if blocks_fn is None else {"block_ids": blocks_fn()}))
                 sync(device)
             return go
 
