@@ -13,7 +13,7 @@ and the dial adds ``-log(1 - alpha)`` to every margin over other-block keys. Two
    non-anchor ties at the maximum), measured with ``hf_localist.theory`` (``margin``, ``pointer_fidelity``,
    ``attention_entropy``) and compared query by query with ``pointer_fidelity_bound`` / ``entropy_bound``.
 2. *A tiny Llama with known blocks* (random init, explicit block ids, anchor bonus ``beta_anchor``) across the dial:
-   a probe inside the localist attention (``handle.state.probes``) records per (query, head) the applied margin, the
+   a probe inside the localist attention (``handle.probe(...)``) records per (query, head) the applied margin, the
    attention weights the layer computes and the bounds; ``handle.record()`` gives the recorder's PF/H for the same
    forward (they must agree), and ``estimate_constants(..., with_grad=False).bounds()`` the library's own check.
 
@@ -119,7 +119,7 @@ class MarginProbe:
         self.handle = handle
         self.rows = []
 
-    def __call__(self, layer, module, query, key, attention_mask, layout, scaling, alpha_l, out):
+    def __call__(self, layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, call):
         import torch
 
         from hf_localist import theory
@@ -136,8 +136,8 @@ class MarginProbe:
             visible = ~torch.isneginf(applied)  # (B, H, T, S)
             not_sink = ~layout.key_is_sink()[:, None, None, :]
             valid = visible & not_sink
-            total = state.ctx.block_ids.shape[1]
-            target = state.ctx.target_ids[:, total - t:]
+            total = call.block_ids.shape[1]
+            target = call.target_ids[:, total - t:]
             own = layout.k_anchor[:, None, :] & (layout.k_blocks[:, None, :] == target[:, :, None])  # (B, T, S)
             anchors = own[:, None] & valid
             probs = torch.softmax(applied, dim=-1)
@@ -179,9 +179,8 @@ def tiny_llama_dial(quick: bool, seed: int) -> dict:
     ids[:, 0] = 1
     blocks = _block_layout(batch, seq, n_blocks, g)
     probe = MarginProbe(handle)
-    handle.state.probes.append(probe)
     per_alpha, recorder_gap = [], 0.0
-    try:
+    with handle.probe(probe):
         for alpha in alphas:
             start = len(probe.rows)
             with torch.no_grad(), handle.dial(alpha), handle.record() as rec:
@@ -209,8 +208,6 @@ def tiny_llama_dial(quick: bool, seed: int) -> dict:
                 "library_pf_bound_holds": min(c["pf_bound_holds"] for c in lib),
                 "library_entropy_bound_holds": min(c["entropy_bound_holds"] for c in lib),
             })
-    finally:
-        handle.state.probes.remove(probe)
     data = torch.cat(probe.rows)
     # Per (query, head) of layer 0 (whose input does not depend on the dial): PF never decreases when the dial goes
     # up (anchor bonus up, other blocks down). Later layers read inputs that the dial changed, so no such guarantee.

@@ -100,9 +100,9 @@ def purities(handle, ids, clus) -> dict[int, float]:
     """Per active block: share of its (non-BOS) held-out tokens that come from its majority true cluster."""
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         handle.model(input_ids=ids)
-    blocks = handle.state.ctx.block_ids
+    blocks = calls[-1].block_ids
     out = {}
     for slot in handle.config.active_block_list():
         mine = (blocks == slot) & (clus >= 0)
@@ -118,9 +118,9 @@ def clusters_covered(handle, ids, clus, k: int) -> int:
     """How many true clusters are the majority cluster of some block."""
     import torch
 
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         handle.model(input_ids=ids)
-    blocks = handle.state.ctx.block_ids
+    blocks = calls[-1].block_ids
     majority = set()
     for slot in handle.config.active_block_list():
         mine = (blocks == slot) & (clus >= 0)

@@ -132,11 +132,11 @@ def record_specialist(handle, seqs, pad_id, layer: int, batch_size: int = 32):
     from hf_localist.demo import pad_batch
 
     logps, stats = [], {m: [] for m in LOCALITY}
-    with torch.no_grad(), handle.record() as rec:
+    with torch.no_grad(), handle.record() as rec, handle.capture_layouts() as calls:
         for i in range(0, len(seqs), batch_size):
             ids, mask = pad_batch(seqs[i: i + batch_size], pad_id)
             logits = handle.model(input_ids=ids, attention_mask=mask).logits.float()
-            blocks = handle.state.ctx.block_ids.clone()
+            blocks = calls[-1].block_ids.clone()
             lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
             for r in range(ids.shape[0]):
                 n = int(mask[r].sum())

@@ -221,8 +221,11 @@ def test_calibration_data_missing_a_block_is_named():
         estimate_constants(model, [])
     with pytest.raises(LocalistError, match="apply_localist"):
         estimate_constants(build_model("llama"), loader)
-    # The failed calls left no probe behind and restored the training flag.
-    assert handle.state.probes == []
+    # The failed calls left no probe behind (a forward runs the pass-through path again) and restored the flag.
+    handle.state.backend_counts.clear()
+    with torch.no_grad(), handle.dial(0.0):
+        model(**loader[0])
+    assert set(handle.state.backend_counts) == {"passthrough"}
     assert not model.training
 
 

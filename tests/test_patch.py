@@ -128,9 +128,15 @@ def test_set_dial_and_dial_context():
     with torch.no_grad():
         at_02 = main_output(model(input_ids=ids, block_ids=blocks))
         with handle.dial(0.9) as h:
-            assert h is handle and handle.config.alpha == 0.9
+            # Context-local: the calls of this thread use 0.9, the model-wide dial stays 0.2.
+            assert h is handle and handle.effective_alpha() == 0.9 and handle.config.alpha == 0.2
+            assert handle.layer_alphas() == [0.9, 0.9]
             at_09 = main_output(model(input_ids=ids, block_ids=blocks))
-        assert handle.config.alpha == 0.2
+        assert handle.config.alpha == 0.2 and handle.effective_alpha() == 0.2
+        # The forward argument sets the dial of one call, also inside a dial() block.
+        assert torch.equal(main_output(model(input_ids=ids, block_ids=blocks, localist_alpha=0.9)), at_09)
+        with handle.dial(0.5):
+            assert torch.equal(main_output(model(input_ids=ids, block_ids=blocks, localist_alpha=0.2)), at_02)
         assert torch.equal(main_output(model(input_ids=ids, block_ids=blocks)), at_02)
         handle.set_dial(0.9)
         assert torch.equal(main_output(model(input_ids=ids, block_ids=blocks)), at_09)
@@ -209,10 +215,10 @@ def test_add_block_tokens_and_segment_assignment(model_type):
     expected = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 0, 0, 1, 1, 1]])
     handle = hl.apply_localist(model, cfg.copy(alpha=1.0))
     assert handle.config.block_assignment == "segment"
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         seg = main_output(model(input_ids=ids))
-    assert torch.equal(handle.state.ctx.block_ids, expected)
-    assert handle.state.ctx.anchors.tolist() == [[False, False, True, False, False, True, False, False, False,
+    assert torch.equal(calls[-1].block_ids, expected)
+    assert calls[-1].anchors.tolist() == [[False, False, True, False, False, True, False, False, False,
                                                   True, False, False]]
     # Same result as giving the block ids explicitly.
     handle.update(block_assignment="explicit")
@@ -261,11 +267,11 @@ def test_explicit_block_ids_on_inputs_embeds_and_target():
     model = build_model("llama")
     handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit"))
     ids, blocks = random_ids(2, T), random_block_ids(2, T, seed=4)
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         a = main_output(model(input_ids=ids, block_ids=blocks))
         b = main_output(model(inputs_embeds=model.get_input_embeddings()(ids), block_ids=blocks))
         # target_block_ids only steers diagnostics: outputs are unchanged.
         c = main_output(model(input_ids=ids, block_ids=blocks, target_block_ids=torch.zeros_like(blocks)))
     torch.testing.assert_close(a, b)
     assert torch.equal(a, c)
-    assert torch.equal(handle.state.ctx.target_ids, torch.zeros_like(blocks))
+    assert torch.equal(calls[-1].target_ids, torch.zeros_like(blocks))

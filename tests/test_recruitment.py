@@ -103,9 +103,9 @@ def heldout_nll(model, ids: torch.Tensor) -> float:
 
 def purities(handle, ids: torch.Tensor, clus: torch.Tensor) -> dict[int, float]:
     """Per block: share of its (non-BOS) held-out tokens from its majority true cluster."""
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         handle.model(input_ids=ids)
-    blocks = handle.state.ctx.block_ids
+    blocks = calls[-1].block_ids
     out = {}
     for slot in handle.config.active_block_list():
         mine = (blocks == slot) & (clus >= 0)

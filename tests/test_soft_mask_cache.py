@@ -19,10 +19,10 @@ def test_soft_mask_is_built_once_per_call_and_changes_nothing(model_type, monkey
     builds = []
     real = backends.soft_mask
     monkeypatch.setattr(backends, "soft_mask", lambda *a: builds.append(1) or real(*a))
-    with torch.no_grad():
+    with torch.no_grad(), handle.capture_layouts() as calls:
         cached = main_output(model(input_ids=ids, attention_mask=mask, block_ids=blocks))
         assert len(builds) == 1, f"{len(builds)} mask builds for {LAYERS} layers"
-        assert handle.state.ctx.mask_cache == {}, "the mask must not outlive the call"
+        assert calls[-1].mask_cache == {}, "the mask must not outlive the call"
         # The reference: every layer builds its own mask (no cache).
         monkeypatch.setattr(backends, "_cached_soft_mask", lambda cache, *a: backends.soft_mask(*a))
         fresh = main_output(model(input_ids=ids, attention_mask=mask, block_ids=blocks))

@@ -2,9 +2,9 @@
 
 transformers calls ``localist_attention(module, query, key, value, attention_mask, dropout=..., scaling=...,
 **kwargs)`` with ``query`` (B, H, T, D) and ``key``/``value`` (B, H_kv, S, D). The per-model
-:class:`LocalistState` is reached through ``module._localist_state`` (set by ``apply_localist``); the block ids of
-the current call (:class:`CallContext`) are set by the model's wrapped ``forward`` before the layers run, so they
-reach every architecture, also those that do not pass extra forward kwargs down to attention (BERT).
+:class:`LocalistState` (settings and block slots, nothing about any one call) is reached through
+``module._localist_state`` (set by ``apply_localist``); the layout of the current call arrives with the call, as the
+keyword argument ``localist_call`` (:class:`hf_localist.call.CallContext`, built by the model's patched ``forward``).
 """
 
 from __future__ import annotations
@@ -20,26 +20,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .backend_flex import flex_attention_hard
 from .backends import Layout, dense_attention, segment_attention
+from .call import CALL_KWARG, CallContext, call_from_kwargs
 from .config import LocalistConfig
 from .errors import BackendError, LocalistStateError
-from .recorder import DiagnosticsRecorder
 
 ATTENTION_KEY = "localist"
-
-
-@dataclass
-class CallContext:
-    """Block layout of the whole sequence of one forward call (cached positions included)."""
-
-    block_ids: torch.Tensor  # (B, L) L = cached + new positions
-    target_ids: torch.Tensor  # (B, L) target block of each position (own block unless target_block_ids given)
-    anchors: torch.Tensor  # (B, L) bool
-    sink: torch.Tensor  # (B,) position of the first non-padding token
-    query_valid: torch.Tensor  # (B, L) bool: not padding
-    centroid_from: int | None = None  # centroid mode: first position whose block the layer-l0 hook assigns
-    # The soft-mode additive mask of the latest (alpha, shapes, base mask): equal for the layers of one call, so it is
-    # built once per call instead of once per layer. One entry (a (B, 1, T, S) tensor); cleared when the call returns.
-    mask_cache: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -50,10 +35,7 @@ class LocalistState:
     num_layers: int
     original_impl: str
     causal: bool
-    ctx: CallContext | None = None
-    recorder: DiagnosticsRecorder | None = None
     backend_counts: dict[str, int] = field(default_factory=dict)  # which backend ran, for tests and benchmarks
-    generating: int = 0  # depth of generate() calls in progress: block_ids given to generate() are the prompt's
     subspaces: torch.Tensor | None = None  # (L, n_active, E, r) calibrated block subspaces (pca)
     centroids: torch.Tensor | None = None  # (max_blocks + 1, E) block centroids (centroid assignment, recruitment)
     block_enabled: torch.Tensor | None = None  # (max_blocks + 1,) bool: a disabled block takes no token
@@ -63,12 +45,15 @@ class LocalistState:
     recruitment_status: dict | None = None
     lambda_threshold: torch.Tensor | None = None  # (L, H, n_active) from estimate_constants(...).threshold()
     last_prox: Any = None  # ProxStats of the latest proximal step
-    # Callables probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out) run after each
-    # localised attention call (calibration of the theory's constants); they force the non-pass-through path.
-    probes: list = field(default_factory=list)
 
-    def layer_alpha(self, layer: int) -> float:
-        return self.config.layer_alpha(layer, self.num_layers)
+    def layer_alpha(self, layer: int, alpha: float | None = None) -> float:
+        """alpha_l of ``layer`` for the dial ``alpha`` (default: the model-wide ``config.alpha``)."""
+        return self.config.layer_alpha(layer, self.num_layers, alpha=alpha)
+
+    def __setstate__(self, state: dict) -> None:
+        # A model unpickled in a fresh process (torch.load) needs the "localist" key registered before it runs.
+        self.__dict__.update(state)
+        register_attention_key()
 
 
 def _passthrough_fn(state: LocalistState, module: torch.nn.Module) -> Callable:
@@ -175,7 +160,11 @@ def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query
 def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any):
-    """Attention with the locality dial: ``z'_ts = z_ts + bias_ts`` as DESIGN.md section 3."""
+    """Attention with the locality dial: ``z'_ts = z_ts + bias_ts`` as DESIGN.md section 3.
+
+    ``kwargs[CALL_KWARG]`` is the :class:`CallContext` of the call (layout, dial, recorder), passed down by the
+    patched forward; it is removed before the model's own attention function is called.
+    """
     state: LocalistState | None = getattr(module, "_localist_state", None)
     if state is None:
         raise LocalistStateError(
@@ -183,10 +172,18 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
             "(or was reverted): call hf_localist.apply_localist(model, config) or set_attn_implementation('sdpa')"
         )
     layer = module._localist_layer
-    alpha_l = state.layer_alpha(layer)
-    recorder = state.recorder
+    ctx = call_from_kwargs(kwargs)
+    kwargs.pop(CALL_KWARG, None)  # the model's own attention functions do not take it
+    if ctx is None:
+        raise LocalistStateError(
+            f"no block layout for this call of layer {layer}: call the patched model itself (model(...), "
+            "model.generate), not an inner sub-module such as its backbone, so that block ids are computed for the "
+            "sequence"
+        )
+    alpha_l = state.layer_alpha(layer, ctx.alpha)
+    recorder = ctx.recorder
     want_weights = _attentions_requested(kwargs)
-    need_weights = want_weights or recorder is not None or bool(state.probes)
+    need_weights = want_weights or recorder is not None or bool(ctx.probes)
     if alpha_l == 0.0 and not need_weights:
         state.backend_counts["passthrough"] = state.backend_counts.get("passthrough", 0) + 1
         fn = _passthrough_fn(state, module)
@@ -194,12 +191,11 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
             attention_mask = _additive_mask_for_eager(module, state, query, key, attention_mask, kwargs)
         return fn(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
-    ctx = state.ctx
     q_len, kv_len = query.shape[2], key.shape[2]
-    if ctx is None or ctx.block_ids.shape[0] != query.shape[0] or ctx.block_ids.shape[1] < q_len:
+    if ctx.block_ids.shape[0] != query.shape[0] or ctx.block_ids.shape[1] < q_len:
         raise LocalistStateError(
-            "no block layout for this attention call: call the patched model itself (model(...), model.generate), "
-            "not an inner sub-module, so that block ids are computed for the sequence"
+            f"the block layout of this call has shape {tuple(ctx.block_ids.shape)} but layer {layer} got queries of "
+            f"batch {query.shape[0]} and length {q_len}: call the patched model itself, not an inner sub-module"
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
@@ -218,8 +214,8 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile)
     out, weights = dense_attention(query, key, value, attention_mask, layout, alpha_l, beta, scaling, dropout,
                                    need_weights=need_weights, softcap=kwargs.get("softcap"), mask_cache=ctx.mask_cache)
-    for probe in state.probes:
-        probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out)
+    for probe in ctx.probes:
+        probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, ctx)
     if recorder is not None:
         total = ctx.block_ids.shape[1]
         recorder.record(layer, weights, layout.q_blocks, ctx.target_ids[:, total - q_len:], layout.k_blocks,

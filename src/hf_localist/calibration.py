@@ -114,9 +114,8 @@ class _Probe:
         self.tau: dict[int, float] = {}
 
     @torch.no_grad()
-    def __call__(self, layer, module, query, key, attention_mask, layout, scaling, alpha_l, out):
+    def __call__(self, layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, ctx):
         state = self.handle.state
-        ctx = state.ctx
         self.tau[layer] = 1.0 / scaling
         b, h, t, _ = query.shape
         k = repeat_kv(key, h // key.shape[1])
@@ -166,7 +165,6 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
     active = cfg.active_block_list()
     n_layers = len(handle.attention_modules)
     probe = _Probe(handle, with_grad)
-    handle.state.probes.append(probe)
     was_training = handle.base.training
     handle.base.eval()
     block_counts = torch.zeros(len(active))
@@ -189,10 +187,10 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
 
             hooks.append(embeddings.register_forward_hook(_require_grad))
     try:
-        with LayerInputs(handle) as inputs:
-            for batch, out in run_batches(handle, loader, max_batches, with_grad=with_grad):
-                ids = handle.state.ctx.block_ids
-                valid = handle.state.ctx.query_valid
+        with LayerInputs(handle) as inputs, handle.probe(probe):
+            for batch, out, call in run_batches(handle, loader, max_batches, with_grad=with_grad):
+                ids = call.block_ids
+                valid = call.query_valid
                 for j, blk in enumerate(active):
                     block_counts[j] += ((ids == blk) & valid).sum().item()
                 n_seq += ids.shape[0]
@@ -212,7 +210,6 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
                         loss.backward()
                     handle.base.zero_grad(set_to_none=True)
     finally:
-        handle.state.probes.remove(probe)
         handle.base.train(was_training)
         for hook in hooks:
             hook.remove()

@@ -2,9 +2,10 @@
 
 In ``block_assignment='centroid'`` mode a position joins the enabled active block whose centroid is nearest (by
 cosine similarity) to its hidden state at the input of layer ``l0 = first_local_layer`` (the input of that layer's
-Q projection), if the similarity is at least ``assign_threshold``; otherwise it stays in block 0. The ids are
-computed by a forward pre-hook on that projection, during the forward pass, and written into the call's layout
-before any localised layer reads it (layers below ``l0`` are never biased).
+attention module, which is its Q projection's input), if the similarity is at least ``assign_threshold``;
+otherwise it stays in block 0. The ids are computed by a forward pre-hook on that attention module
+(:class:`CentroidAssignHook`), during the forward pass, and written into the layout of the call that the module
+receives in its keyword arguments, before any localised layer reads it (layers below ``l0`` are never biased).
 
 Slots: ``state.centroids`` (max_blocks + 1, E) and ``state.block_enabled`` (max_blocks + 1,) are buffers of fixed
 shape: recruiting a block writes into them and adds the slot to ``config.active_blocks``; no parameter changes
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocks import anchor_flags
+from .call import call_from_kwargs
 from .errors import LocalistConfigError, LocalistStateError
 
 
@@ -41,25 +42,29 @@ def candidate_slots(state) -> torch.Tensor:
     return slots[ok]
 
 
-def make_centroid_hook(state):
-    """Forward pre-hook for layer l0's Q projection: fills the block ids of the call's new positions."""
+class CentroidAssignHook:
+    """Forward pre-hook (with kwargs) of layer ``layer``'s attention: fills the block ids of the call's new positions.
 
-    def hook(_module, args):
-        if state.config.block_assignment != "centroid" or state.ctx is None or state.ctx.centroid_from is None:
+    A class, not a closure, so that a patched model can be deep-copied and pickled.
+    """
+
+    def __init__(self, state, layer: int):
+        self.state = state
+        self.layer = layer
+
+    def __call__(self, _module, args, kwargs):
+        state = self.state
+        if self.layer != state.config.first_local_layer or state.config.block_assignment != "centroid":
             return None
-        x = args[0]  # (B, T, E): the new positions of this call
-        ctx = state.ctx
+        call = call_from_kwargs(kwargs)
+        if call is None or call.centroid_from is None:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]  # (B, T, E): the new positions of this call
         ids = centroid_block_ids(x.detach(), state.centroids, candidate_slots(state), state.config.assign_threshold)
-        full = ctx.block_ids.clone()
-        full[:, ctx.centroid_from:] = ids[:, ids.shape[1] - (full.shape[1] - ctx.centroid_from):]
-        own_target = ctx.target_ids is ctx.block_ids
-        ctx.block_ids = full
-        ctx.anchors = anchor_flags(full)
-        if own_target:
-            ctx.target_ids = full
+        full = call.block_ids.clone()
+        full[:, call.centroid_from:] = ids[:, ids.shape[1] - (full.shape[1] - call.centroid_from):]
+        call.set_block_ids(full)
         return None
-
-    return hook
 
 
 def ensure_slots(state, hidden: int) -> None:

@@ -313,16 +313,20 @@ class LocalistConfig(PushToHubMixin):
         return list(range(1, (len(self.block_names) or self.max_blocks) + 1))
 
     # ------------------------------------------------------------------ schedule
-    def layer_alpha(self, layer: int, num_layers: int | None = None) -> float:
-        """The dial of layer ``layer``: ``alpha_l = alpha * s(l)`` (DESIGN.md section 1)."""
+    def layer_alpha(self, layer: int, num_layers: int | None = None, alpha: float | None = None) -> float:
+        """The dial of layer ``layer``: ``alpha_l = alpha * s(l)`` (DESIGN.md section 1).
+
+        ``alpha`` is the dial of one call (a per-call override); by default the model-wide ``self.alpha``.
+        """
         num_layers = num_layers if num_layers is not None else self.num_layers
+        alpha = self.alpha if alpha is None else alpha
         l0 = self.first_local_layer
         if layer < l0:
             return 0.0
         if self.schedule == "uniform" or num_layers is None:
-            return self.alpha
+            return alpha
         # s(l) = ((l - l0 + 1) / (L - l0)) ** beta, so s(L - 1) = 1 and s grows towards the last layer.
-        return self.alpha * ((layer - l0 + 1) / (num_layers - l0)) ** self.schedule_power
+        return alpha * ((layer - l0 + 1) / (num_layers - l0)) ** self.schedule_power
 
     def layer_alphas(self, num_layers: int | None = None) -> list[float]:
         n = num_layers if num_layers is not None else self.num_layers

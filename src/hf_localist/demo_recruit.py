@@ -169,8 +169,9 @@ def block_assignments(handle, batches: Sequence[dict], topics: Sequence[list[int
     row = 0
     handle.model.eval()
     for b in batches:
-        handle.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-        blocks = handle.state.ctx.block_ids[:, -b["input_ids"].shape[1]:].cpu()
+        with handle.capture_layouts() as calls:
+            handle.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        blocks = calls[-1].block_ids[:, -b["input_ids"].shape[1]:].cpu()
         for i in range(b["input_ids"].shape[0]):
             for pos, topic in enumerate(topics[row]):
                 if topic >= 0:

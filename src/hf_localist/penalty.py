@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LocalistError
+from .forward import register_output_hook
 from .qk import head_counts, kv_head_of, qk_head_weights, write_back
 from .subspaces import head_blocks, layer_subspaces
 
@@ -265,3 +266,16 @@ def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in
         share = n_micro.to(pen.device).float() / total
     out["loss"] = out["loss"] + cfg.localist_loss_coef * pen * share
     return _with_localist_loss(out, pen.detach())
+
+
+def _loss_mode_output_hook(handle, out, bound: dict, kwargs: dict):
+    """Output hook of the patched forward (``register_output_hook``): loss mode in training with grad only."""
+    if handle is None or handle.config.penalty != "loss" or not handle.base.training or not torch.is_grad_enabled():
+        return out
+    if isinstance(out, tuple) or getattr(out, "loss", None) is None:
+        return out
+    return add_penalty_to_output(handle, out, bound.get("labels"), kwargs.get("num_items_in_batch"))
+
+
+# The patch layer runs registered hooks after every forward; it never imports this (training) module itself.
+register_output_hook("penalty_loss", _loss_mode_output_hook)

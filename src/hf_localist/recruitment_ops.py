@@ -156,8 +156,10 @@ def anchors_visible(block_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def confusion(handle, rec, t: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def confusion(handle, rec, call, t: int, epsilon: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-query confusion of the forward just recorded in ``rec`` (its last ``t`` positions), all (B, T) on CPU.
+
+    ``call`` is that forward's layout (``handle.capture_layouts()``).
 
     Returns ``(H_t, valid, confused)``: H_t averaged over the localised layers ``l >= first_local_layer``; valid
     queries (not padding); ``confused = valid & isfinite(H_t) & (H_t > ln max(|A_b(t)|, 1) + epsilon)``.
@@ -166,9 +168,8 @@ def confusion(handle, rec, t: int, epsilon: float) -> tuple[torch.Tensor, torch.
     if not local:
         raise LocalistError("recruitment needs diagnostics of a localised layer: none was recorded")
     ent = torch.stack([rec.per_query(layer, "entropy") for layer in local]).mean(dim=0)  # (B, T)
-    ctx = handle.state.ctx
-    blocks = ctx.block_ids[:, -t:].cpu()
-    valid = ctx.query_valid[:, -t:].cpu()
+    blocks = call.block_ids[:, -t:].cpu()
+    valid = call.query_valid[:, -t:].cpu()
     bound = torch.log(anchors_visible(blocks).clamp_min(1).double()).float() + epsilon
     return ent, valid, valid & torch.isfinite(ent) & (ent > bound)
 
@@ -202,9 +203,9 @@ def collect_confused(handle, batches: Sequence[dict], epsilon: float, max_tokens
         for batch in batches:
             batch = clean_batch(batch, device)
             captured.clear()
-            with torch.no_grad(), handle.record() as rec:
+            with torch.no_grad(), handle.record() as rec, handle.capture_layouts() as calls:
                 model(**{k: v for k, v in batch.items() if k != "labels"})
-            ent, valid, confused = confusion(handle, rec, batch["input_ids"].shape[1], epsilon)
+            ent, valid, confused = confusion(handle, rec, calls[-1], batch["input_ids"].shape[1], epsilon)
             finite = torch.isfinite(ent)
             res.n_nonfinite += int((valid & ~finite).sum())  # includes each sequence's first (sink-only) query
             res.n_queries += int((valid & finite).sum())
@@ -386,7 +387,8 @@ def score_tokens(handle, batches: Sequence[dict]) -> tuple[torch.Tensor, torch.T
     try:
         for batch in batches:
             batch = clean_batch(batch, device)
-            out = model(**{k: v for k, v in batch.items() if k != "labels"})
+            with handle.capture_layouts() as calls:
+                out = model(**{k: v for k, v in batch.items() if k != "labels"})
             logits = getattr(out, "logits", None)
             if logits is None:
                 raise LocalistError("recruitment scores next-token likelihood: the model must return logits")
@@ -397,7 +399,7 @@ def score_tokens(handle, batches: Sequence[dict]) -> tuple[torch.Tensor, torch.T
                 keep &= batch["attention_mask"][:, :-1].bool()
             nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none")
             nlls.append(nll[keep].double().cpu())
-            blocks.append(handle.state.ctx.block_ids[:, -t:][:, :-1][keep].cpu())
+            blocks.append(calls[-1].block_ids[:, -t:][:, :-1][keep].cpu())
     finally:
         model.train(was_training)
     if not nlls:

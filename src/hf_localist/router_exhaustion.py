@@ -82,9 +82,9 @@ def confused_fractions(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, e
     try:
         for i in range(0, len(seqs), batch_size):
             ids, mask = pad_right(seqs[i: i + batch_size], pad_id)
-            with torch.no_grad(), handle.record() as rec:
+            with torch.no_grad(), handle.record() as rec, handle.capture_layouts() as calls:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            _, valid, confused = confusion(handle, rec, ids.shape[1], epsilon)
+            _, valid, confused = confusion(handle, rec, calls[-1], ids.shape[1], epsilon)
             # Each sequence's first query sees only the sink (undefined entropy): not counted either way.
             defined = valid.clone()
             defined[:, 0] = False

@@ -15,8 +15,9 @@ from typing import Iterable
 
 import torch
 
+from .call import call_from_kwargs
 from .errors import LocalistConfigError, LocalistError
-from .qk import input_size, projection_module
+from .qk import input_size
 
 
 def head_blocks(num_heads: int, num_kv_heads: int, active_blocks: list[int], general_fraction: float) -> torch.Tensor:
@@ -93,7 +94,11 @@ def complement_basis(u: torch.Tensor, taken: torch.Tensor | None, tol: float = 1
 
 
 class LayerInputs:
-    """Collects the input of each layer's Q projection, with the block id of every position."""
+    """Collects the input of each layer's Q projection, with the block id of every position.
+
+    The input of a layer's attention module is its Q projection's input; a pre-hook on the module (with kwargs)
+    also receives the layout of the call it runs in (``localist_call``).
+    """
 
     def __init__(self, handle) -> None:
         self.handle = handle
@@ -101,18 +106,18 @@ class LayerInputs:
         self._hooks = []
 
     def __enter__(self) -> LayerInputs:
-        spec = self.handle.spec
         for layer, module in enumerate(self.handle.attention_modules):
-            proj = projection_module(module, spec.q_proj)
-            self._hooks.append(proj.register_forward_pre_hook(self._hook(layer)))
+            self._hooks.append(module.register_forward_pre_hook(self._hook(layer), with_kwargs=True))
         return self
 
     def _hook(self, layer: int):
-        def hook(_module, args):
-            x = args[0].detach()  # (B, T, E)
-            ctx = self.handle.state.ctx
-            blocks = ctx.block_ids[:, -x.shape[1]:]
-            valid = ctx.query_valid[:, -x.shape[1]:]
+        def hook(_module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach()  # (B, T, E)
+            call = call_from_kwargs(kwargs)
+            if call is None:
+                raise LocalistError("LayerInputs: a layer ran outside a call of the patched model")
+            blocks = call.block_ids[:, -x.shape[1]:]
+            valid = call.query_valid[:, -x.shape[1]:]
             self.chunks.setdefault(layer, []).append((x[valid].float().cpu(), blocks[valid].cpu()))
         return hook
 
@@ -130,18 +135,17 @@ class LayerInputs:
 
 
 def run_batches(handle, loader: Iterable, max_batches: int | None = None, with_grad: bool = False):
-    """Run the patched model over ``loader`` (dicts of tensors); yields each batch and its output."""
+    """Run the patched model over ``loader`` (dicts of tensors); yields each batch, its output and its layout
+    (the :class:`~hf_localist.call.CallContext` the call used)."""
     model = handle.model
     device = next(handle.base.parameters()).device
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        if with_grad:
-            yield batch, model(**batch)
-        else:
-            with torch.no_grad():
-                yield batch, model(**batch)
+        with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()), handle.capture_layouts() as calls:
+            out = model(**batch)
+        yield batch, out, calls[-1]
 
 
 def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_batches: int | None = None) -> torch.Tensor:
@@ -155,7 +159,7 @@ def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_b
     handle.base.eval()
     try:
         with LayerInputs(handle) as rec:
-            for _ in run_batches(handle, loader, max_batches):
+            for _batch, _out, _call in run_batches(handle, loader, max_batches):
                 pass
     finally:
         handle.base.train(was_training)
