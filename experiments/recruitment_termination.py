@@ -202,7 +202,7 @@ def run_k(k: int, s: dict, seed: int, theta_block: float | None = None, theta_H:
         stop_reason = "still_running_at_end"
     pur = purities(handle, held, held_clus)
     # The same final weights with every block disabled: what the blocks themselves are worth.
-    from hf_localist.centroid import set_block_enabled
+    from hf_localist.slots import set_block_enabled
 
     slots = handle.config.active_block_list()
     final_nll = heldout_nll_per_token(model, held)

@@ -143,3 +143,92 @@ def test_push_to_hub_offline(fake_hub, tmp_path):
     assert (tmp_path / "local" / LOCALIST_CONFIG_NAME).exists()
     assert fake_hub.commits[-1]["repo_id"] == "someone/other"
     assert json.loads(fake_hub.commits[-1]["files"][LOCALIST_CONFIG_NAME])["alpha"] == 0.45
+
+
+# ------------------------------------------------------------------ the shared validation idiom (config_fields)
+def test_a_typo_attribute_raises_naming_the_close_match():
+    cfg = hl.LocalistConfig(alpha=0.5)
+    with pytest.raises(hl.LocalistConfigError, match=r"unknown LocalistConfig field.*'alfa'.*did you mean 'alpha'"):
+        cfg.alfa = 0.3
+    assert not hasattr(cfg, "alfa") and cfg.alpha == 0.5
+    rcfg = hl.RecruitmentConfig()
+    with pytest.raises(hl.LocalistConfigError, match=r"'evrey'.*did you mean 'every'"):
+        rcfg.evrey = 10
+    # A PreTrainedConfig carries extra attributes by design: only a near-miss of its own fields is refused.
+    router_cfg = hl.LocalistRouterConfig()
+    with pytest.raises(hl.LocalistConfigError, match=r"'routng'.*did you mean 'routing'"):
+        router_cfg.routng = "soft"
+    router_cfg.some_extra_setting = 1
+    assert router_cfg.routing == "hard" and router_cfg.some_extra_setting == 1
+
+
+def test_an_unknown_keyword_raises_a_config_error():
+    with pytest.raises(hl.LocalistConfigError, match=r"'alhpa'.*did you mean 'alpha'"):
+        hl.LocalistConfig(alhpa=0.5)
+    with pytest.raises(hl.LocalistConfigError, match=r"'budget_step'.*did you mean 'budget_steps'"):
+        hl.RecruitmentConfig(budget_step=5)
+    with pytest.raises(hl.LocalistConfigError, match=r"'routing_kk'.*did you mean 'routing_k'"):
+        hl.LocalistRouterConfig(routing_kk=3)
+    assert hl.LocalistRouterConfig(unrelated_extra=1).unrelated_extra == 1  # as PreTrainedConfig allows
+
+
+def test_list_fields_cannot_be_mutated_past_validation():
+    cfg = hl.LocalistConfig(block_names=["a", "b"], anchor_token_ids=[5, 6], active_blocks=[2, 1])
+    before = cfg.to_dict()
+    for mutate in (lambda: cfg.block_names.append("c"), lambda: cfg.anchor_token_ids.extend([7]),
+                   lambda: cfg.anchor_token_ids.__setitem__(0, -1), lambda: cfg.active_blocks.pop()):
+        with pytest.raises(hl.LocalistConfigError, match="assign a new list"):
+            mutate()
+    assert cfg.to_dict() == before
+    names = ["x", "y"]
+    cfg.update(block_names=names, anchor_token_ids=[8, 9])
+    names.append("z")  # the config stored a copy
+    assert cfg.block_names == ["x", "y"] and cfg.active_blocks == [1, 2]
+    with pytest.raises(hl.LocalistConfigError, match="pair up"):
+        cfg.block_names += ["z"]  # a new list, assigned back: validated (no anchor id for "z")
+    assert cfg.block_names == ["x", "y"]
+    # Plain lists in to_dict() and JSON; equality, copies and pickling still work.
+    assert type(cfg.to_dict()["block_names"]) is list and json.loads(cfg.to_json_string())["block_names"] == ["x", "y"]
+    import copy
+    import pickle
+
+    assert copy.deepcopy(cfg) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg
+    router_cfg = hl.LocalistRouterConfig(specialists={"b": {"path": "/b", "kind": "full"},
+                                                      "a": {"path": "/a", "kind": "full"}})
+    with pytest.raises(hl.LocalistConfigError, match="assign a new list"):
+        router_cfg.specialist_order.append("c")
+    assert router_cfg.specialist_order == ["b", "a"] and type(router_cfg.to_dict()["specialist_order"]) is list
+
+
+@pytest.mark.parametrize("cls,field,value", [
+    (hl.LocalistConfig, "max_blocks", 0), (hl.RecruitmentConfig, "every", 0), (hl.LocalistRouterConfig, "routing_k", 0),
+])
+def test_one_rule_reads_the_same_in_every_class(cls, field, value):
+    # integer(1) in all three: the same message, naming the class, the field, the value and what is allowed.
+    expected = rf"^{cls.__name__}\.{field}=0 is invalid: expected an integer >= 1\b"
+    with pytest.raises(hl.LocalistConfigError, match=expected):
+        cls(**{field: value})
+    cfg = cls()
+    before = cfg.to_dict()
+    with pytest.raises(hl.LocalistConfigError, match=expected):
+        setattr(cfg, field, value)
+    assert cfg.to_dict() == before  # a rejected assignment changes nothing
+
+
+def test_choice_and_range_rules_share_one_message_style():
+    from hf_localist.config_fields import number, one_of, validate_field
+
+    for owner in ("LocalistConfig", "RecruitmentConfig", "LocalistRouterConfig"):
+        with pytest.raises(hl.LocalistConfigError, match=rf"^{owner}\.x='z' is invalid: choose one of \['a', 'b'\]$"):
+            validate_field(owner, "x", "z", one_of(("a", "b")))
+        with pytest.raises(hl.LocalistConfigError, match=rf"^{owner}\.x=2 is invalid: expected a finite number in "
+                                                         r"\[0, 1\)$"):
+            validate_field(owner, "x", 2, number(0, 1, open_high=True))
+    assert validate_field("C", "x", 1, number(0, 1)) == 1.0 and isinstance(validate_field("C", "x", 1, number()), float)
+
+
+def test_hf_argument_parser_builds_from_recruitment_config_too():
+    (rcfg,) = HfArgumentParser(hl.RecruitmentConfig).parse_args_into_dataclasses(["--every", "7", "--epsilon", "0"])
+    assert rcfg.every == 7 and rcfg.epsilon == 0.0
+    for f in dataclasses.fields(hl.RecruitmentConfig):
+        assert set(f.metadata) == {"help"}, f"{f.name}: argparse would receive {sorted(f.metadata)}"

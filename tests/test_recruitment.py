@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import hf_localist as hl
-from hf_localist.centroid import set_block_enabled
+from hf_localist.slots import set_block_enabled
 from hf_localist.errors import LocalistConfigError
 from hf_localist.recorder import DiagnosticsRecorder
 from hf_localist.recruitment import LOG_FILE, RecruitmentCallback, prepare, recruit

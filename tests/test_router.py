@@ -24,7 +24,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFo
                           TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from hf_localist import LocalistConfigError, LocalistLoadError, LocalistRouterConfig, LocalistRouterModel
-from hf_localist.router_recruit import pad_right
+from hf_localist.utils import pad_right
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("alpha", "beta", "gamma")

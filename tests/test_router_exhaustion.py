@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from hf_localist import LocalistConfig, LocalistConfigError, LocalistRouterModel, RecruitmentConfig, apply_localist
 from hf_localist.recruitment import set_status
 from hf_localist.router_exhaustion import block_recruitment_status, confused_fractions, exhausted_inputs
-from hf_localist.router_recruit import pad_right
+from hf_localist.utils import pad_right
 from test_router import domain, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -6,6 +6,7 @@ models through transformers' ``AttentionInterface``. See ``docs/`` and DESIGN.md
 
 from .attention import ATTENTION_KEY, localist_attention
 from .auto import AutoLocalistModel
+from .callback import LocalistCallback
 from .blocks import GENERAL_TOKEN, add_block_tokens, anchor_token
 from .config import LocalistConfig
 from .errors import (
@@ -24,6 +25,7 @@ from .recruitment_config import RecruitmentConfig
 from .registry import ArchSpec, get_arch_spec, register_localist_arch, supported_architectures
 from .router import LocalistRouterModel
 from .router_config import LocalistRouterConfig
+from .trainer import LocalistTrainer
 
 __version__ = "0.1.0"
 
@@ -38,11 +40,13 @@ __all__ = [
     "LocalistConfig",
     "LocalistConfigError",
     "LocalistError",
+    "LocalistCallback",
     "LocalistHandle",
     "LocalistLoadError",
     "LocalistRouterConfig",
     "LocalistRouterModel",
     "LocalistStateError",
+    "LocalistTrainer",
     "RecruitmentCallback",
     "RecruitmentConfig",
     "UnsupportedArchitectureError",

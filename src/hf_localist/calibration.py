@@ -28,9 +28,10 @@ from typing import Any, Iterable
 import torch
 
 from . import theory
-from .backends import block_bias, base_mask_as_float, repeat_kv
+from .backends import base_mask_as_float, block_bias, repeat_kv
 from .errors import LocalistError
 from .subspaces import LayerInputs, layer_subspaces, run_batches
+from .utils import atomic_write_text
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float]:
@@ -96,8 +97,6 @@ class ConstantsReport:
     def to_json(self, path: str | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            from .utils import atomic_write_text
-
             atomic_write_text(path, text)
         return text
 

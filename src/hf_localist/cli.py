@@ -15,8 +15,26 @@ per command, each command a small class that registers its own arguments and run
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import runpy
 import sys
 from typing import Sequence
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from . import __version__
+from . import config as cfg_module
+from .auto import AutoLocalistModel
+from .config import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
+from .demo import run_demo
+from .errors import LocalistConfigError, LocalistError, LocalistLoadError
+from .patch import apply_localist
 
 
 class Command:
@@ -74,8 +92,6 @@ class DemoCommand(Command):
         parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(self) -> int:
-        from .demo import run_demo  # imported here so that `hf-localist --help` stays fast
-
         run_demo(self.args.output_dir, quick=self.args.quick, seed=self.args.seed, steps=self.args.steps,
                  num_threads=self.args.threads, progress=not self.args.no_progress)
         return 0
@@ -103,9 +119,6 @@ def add_localist_config_arguments(parser: argparse.ArgumentParser, only: Sequenc
     Flags default to "not given" (the namespace lacks the attribute), so that only what the user typed overrides
     the config; the help shows the LocalistConfig default.
     """
-    import dataclasses
-
-    from . import config as cfg_module
 
     choices = {"schedule": cfg_module.SCHEDULES, "backend": cfg_module.BACKENDS,
                "block_assignment": cfg_module.BLOCK_ASSIGNMENTS, "penalty": cfg_module.PENALTIES,
@@ -126,18 +139,12 @@ def add_localist_config_arguments(parser: argparse.ArgumentParser, only: Sequenc
 
 def localist_overrides(args: argparse.Namespace, only: Sequence[str] | None = None) -> dict:
     """The LocalistConfig fields given on the command line (see :func:`add_localist_config_arguments`)."""
-    import dataclasses
-
-    from .config import LocalistConfig
 
     names = [f.name for f in dataclasses.fields(LocalistConfig) if f.name not in _SKIPPED_FIELDS]
     return {n: getattr(args, n) for n in names if hasattr(args, n) and (only is None or n in only)}
 
 
 def _check_model_dir(model_dir: str) -> None:
-    import os
-
-    from .errors import LocalistLoadError
 
     if not os.path.isdir(model_dir):
         raise LocalistLoadError(f"--model_dir {model_dir!r} is not a directory: pass a local model directory "
@@ -148,10 +155,7 @@ def _check_model_dir(model_dir: str) -> None:
 
 
 def _has_localist_state(model_dir: str) -> bool:
-    import json
-    import os
 
-    from .config import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY
 
     if os.path.isfile(os.path.join(model_dir, LOCALIST_CONFIG_NAME)):
         return True
@@ -167,13 +171,7 @@ def load_model_and_tokenizer(model_dir: str, overrides: dict, localist: bool = T
     (None when the directory has none), and make the model localist: its saved localist state when it has one
     (then ``overrides`` update it), else ``apply_localist`` with a LocalistConfig built from ``overrides``.
     Returns ``(model, handle, tokenizer, loaded_state)``."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .auto import AutoLocalistModel
-    from .config import LocalistConfig
-    from .errors import LocalistLoadError
-    from .patch import apply_localist
 
     _check_model_dir(model_dir)
     try:
@@ -224,11 +222,7 @@ class ApplyCommand(Command):
         add_localist_config_arguments(parser)
 
     def run(self) -> int:
-        import os
 
-        from .errors import LocalistLoadError
-
-        from .config import LocalistConfig
 
         out = self.args.output_dir
         if os.path.isfile(out):
@@ -256,11 +250,7 @@ def text_to_inputs(text: str, tokenizer, config, max_length: int):
     max_blocks), passed as explicit ``block_ids``; a BOS token, when the tokenizer has one, opens the sequence in
     block 0 and takes the sink.
     """
-    import re
 
-    import torch
-
-    from .errors import LocalistConfigError
 
     if config.block_assignment == "segment" and config.anchor_token_ids:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"][:max_length]
@@ -287,8 +277,6 @@ def text_to_inputs(text: str, tokenizer, config, max_length: int):
 
 
 def _nan_to_none(value):
-    import math
-
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
@@ -317,12 +305,8 @@ class InspectCommand(Command):
         add_localist_config_arguments(parser, only=("alpha", "schedule", "schedule_power", "first_local_layer"))
 
     def run(self) -> int:
-        import json
-        import os
 
-        import torch
 
-        from .errors import LocalistConfigError, LocalistLoadError
 
         args = self.args
         if args.max_length < 1:
@@ -383,9 +367,6 @@ def repo_script(relative: str) -> str:
     """Path of ``relative`` (e.g. ``examples/train_localist.py``) in the source checkout: ``$HF_LOCALIST_REPO``
     when set, else the repository this package is installed from (editable install). Raises
     :class:`LocalistLoadError` when the script is not there (an installed wheel ships no examples)."""
-    import os
-
-    from .errors import LocalistLoadError
 
     root = os.environ.get(REPO_ENV)
     if not root:
@@ -404,8 +385,6 @@ def repo_script(relative: str) -> str:
 def run_script_main(path: str, argv: list[str]) -> int:
     """Run ``main(argv)`` of the script at ``path`` (its directory on sys.path while it runs); an int result is the
     exit status, anything else (a results dict) means success."""
-    import os
-    import runpy
 
     directory = os.path.dirname(path)
     added = directory not in sys.path
@@ -415,8 +394,6 @@ def run_script_main(path: str, argv: list[str]) -> int:
         namespace = runpy.run_path(path, run_name="__hf_localist_cli__")
         main_fn = namespace.get("main")
         if not callable(main_fn):
-            from .errors import LocalistLoadError
-
             raise LocalistLoadError(f"{path} defines no main(argv) function")
         result = main_fn(list(argv))
     finally:
@@ -476,8 +453,6 @@ COMMANDS: list[type[Command]] = [DemoCommand, ApplyCommand, InspectCommand, Trai
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="hf-localist",
         description="Localist attention for Hugging Face Transformers: a locality dial from distributed to "
@@ -505,7 +480,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command_class is None:
         parser.print_help()
         return 1
-    from .errors import LocalistError
 
     try:
         return command_class(args).run()

@@ -1,8 +1,10 @@
 """`LocalistConfig`: every setting of the localist plugin, typed, validated, with help text per field.
 
 The config is a dataclass. Every field carries its help text in ``metadata["help"]`` (so ``HfArgumentParser``
-can build a command line from it) and is validated on construction *and* on every later assignment, so
-``cfg.alpha = 2`` raises at once, naming the field. It saves as ``localist_config.json`` (atomically),
+can build a command line from it) and its rule in ``metadata["check"]`` (see ``config_fields``): it is validated
+on construction *and* on every later assignment, so ``cfg.alpha = 2`` raises at once, naming the field, and a
+typo (``cfg.alfa = 0.3``) raises instead of adding a stray attribute. List fields are stored read-only
+(``cfg.block_names.append(...)`` raises: assign a new list). It saves as ``localist_config.json`` (atomically),
 loads from such a file, from a model's ``config.json`` that carries a ``localist`` entry, or from any model
 directory / Hub id (then it builds defaults for that architecture), and pushes to the Hub through
 transformers' ``PushToHubMixin``.
@@ -12,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers.utils import PushToHubMixin
 
+from .config_fields import (Invalid, ValidatedFields, boolean, custom, integer, list_of, number, one_of, plain, spec,
+                            text)
 from .errors import LocalistConfigError, LocalistLoadError
 from .utils import atomic_write_text
 
@@ -34,12 +37,19 @@ LAMBDA_MODES = ("fixed", "threshold")
 SUBSPACES = ("coordinate", "pca")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _recruitment(value: Any) -> Any:
+    """A RecruitmentConfig, or its dict (as read from JSON) turned into one."""
+    from .recruitment_config import RecruitmentConfig
+
+    if isinstance(value, dict):
+        value = RecruitmentConfig.from_dict(value)
+    if not isinstance(value, RecruitmentConfig):
+        raise Invalid("expected a RecruitmentConfig, its dict, or None")
+    return value
 
 
 @dataclass
-class LocalistConfig(PushToHubMixin):
+class LocalistConfig(ValidatedFields, PushToHubMixin):
     """Settings of localist attention (see DESIGN.md sections 1-3).
 
     Example::
@@ -48,234 +58,87 @@ class LocalistConfig(PushToHubMixin):
         handle = apply_localist(model, cfg)
     """
 
-    alpha: float = field(
-        default=1.0,
-        metadata=_help(
-            "The locality dial in [0, 1]. 0 = the unmodified (distributed) model; 1 = fully localist (hard block "
-            "mask). A query in block b >= 1 gets log(1 - alpha_l) added to its logits on keys of other blocks."
-        ),
-    )
-    schedule: str = field(
-        default="uniform",
-        metadata=_help(
-            "Per-layer dial alpha_l = alpha * s(l). 'uniform': s = 1 on every layer >= first_local_layer. "
-            "'progressive': s = ((l - l0 + 1) / (L - l0)) ** schedule_power for l >= l0, else 0."
-        ),
-    )
-    schedule_power: float = field(
-        default=3.0, metadata=_help("The exponent beta of the progressive schedule (> 0; the papers use 1, 3, 5).")
-    )
-    first_local_layer: int = field(
-        default=0, metadata=_help("l0: the first localised layer (0-based). Layers before it are never biased.")
-    )
-    backend: str = field(
-        default="auto",
-        metadata=_help(
-            "'dense' (reference, additive float mask; returns attention weights), 'segment' (hard mode, block-sparse "
-            "work, trainable on CPU and GPU), 'flex' (hard mode with flex_attention: CUDA, or CPU without grad), "
-            "'auto' (sdpa pass-through where alpha_l = 0, segment/flex for hard layers, dense for soft layers)."
-        ),
-    )
-    block_assignment: str = field(
-        default="segment",
-        metadata=_help(
-            "'segment': block ids come from anchor tokens <blk_NAME> in input_ids (<blk_general> returns to block 0); "
-            "'explicit': pass block_ids of shape (batch, seq) to forward."
-        ),
-    )
-    max_blocks: int = field(
-        default=16, metadata=_help("Number of block slots 1..max_blocks (block 0 is the general block).")
-    )
-    beta_anchor: float = field(
-        default=0.0,
-        metadata=_help("Anchor bonus: alpha_l * beta_anchor is added to the logits of the query's own anchors (>= 0)."),
-    )
-    block_names: list[str] = field(
-        default_factory=list, metadata=_help("Names of blocks 1..n, in order (set by add_block_tokens).")
-    )
-    anchor_token_ids: list[int] = field(
-        default_factory=list,
-        metadata=_help("Token id of the anchor <blk_NAME> of block i+1, for segment assignment (set by add_block_tokens)."),
-    )
-    general_token_id: int | None = field(
-        default=None, metadata=_help("Token id of <blk_general>, which returns to block 0 (segment assignment).")
-    )
-    assign_threshold: float = field(
-        default=0.5,
-        metadata=_help("Centroid assignment: a position joins the nearest enabled block when the cosine similarity of its "
-                       "hidden state (input of layer first_local_layer) to that block's centroid is >= this, in [-1, 1]."),
-    )
-    recruitment: Any = field(
-        default=None,
-        metadata=_help("Block recruitment settings (a RecruitmentConfig or its dict); None disables recruitment."),
-    )
-    flex_compile: bool = field(
-        default=True,
-        metadata=_help("Compile flex_attention with torch.compile (fast kernel; the first call takes seconds)."),
-    )
+    alpha: float = field(default=1.0, metadata=spec(
+        "The locality dial in [0, 1]. 0 = the unmodified (distributed) model; 1 = fully localist (hard block "
+        "mask). A query in block b >= 1 gets log(1 - alpha_l) added to its logits on keys of other blocks.",
+        number(0, 1, note="0 = the unmodified model, 1 = the hard block mask")))
+    schedule: str = field(default="uniform", metadata=spec(
+        "Per-layer dial alpha_l = alpha * s(l). 'uniform': s = 1 on every layer >= first_local_layer. "
+        "'progressive': s = ((l - l0 + 1) / (L - l0)) ** schedule_power for l >= l0, else 0.",
+        one_of(SCHEDULES)))
+    schedule_power: float = field(default=3.0, metadata=spec(
+        "The exponent beta of the progressive schedule (> 0; the papers use 1, 3, 5).",
+        number(0, open_low=True, note="the papers use 1, 3 or 5")))
+    first_local_layer: int = field(default=0, metadata=spec(
+        "l0: the first localised layer (0-based). Layers before it are never biased.", integer(0)))
+    backend: str = field(default="auto", metadata=spec(
+        "'dense' (reference, additive float mask; returns attention weights), 'segment' (hard mode, block-sparse "
+        "work, trainable on CPU and GPU), 'flex' (hard mode with flex_attention: CUDA, or CPU without grad), "
+        "'auto' (sdpa pass-through where alpha_l = 0, segment/flex for hard layers, dense for soft layers).",
+        one_of(BACKENDS)))
+    block_assignment: str = field(default="segment", metadata=spec(
+        "'segment': block ids come from anchor tokens <blk_NAME> in input_ids (<blk_general> returns to block 0); "
+        "'explicit': pass block_ids of shape (batch, seq) to forward.", one_of(BLOCK_ASSIGNMENTS)))
+    max_blocks: int = field(default=16, metadata=spec(
+        "Number of block slots 1..max_blocks (block 0 is the general block).",
+        integer(1, note="need at least one block slot; block 0 is the general block")))
+    beta_anchor: float = field(default=0.0, metadata=spec(
+        "Anchor bonus: alpha_l * beta_anchor is added to the logits of the query's own anchors (>= 0).", number(0)))
+    block_names: list[str] = field(default_factory=list, metadata=spec(
+        "Names of blocks 1..n, in order (set by add_block_tokens).", list_of(text(nonempty=True), distinct=True)))
+    anchor_token_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Token id of the anchor <blk_NAME> of block i+1, for segment assignment (set by add_block_tokens).",
+        list_of(integer(0))))
+    general_token_id: int | None = field(default=None, metadata=spec(
+        "Token id of <blk_general>, which returns to block 0 (segment assignment).", integer(0, optional=True)))
+    assign_threshold: float = field(default=0.5, metadata=spec(
+        "Centroid assignment: a position joins the nearest enabled block when the cosine similarity of its "
+        "hidden state (input of layer first_local_layer) to that block's centroid is >= this, in [-1, 1].",
+        number(-1, 1, note="a cosine similarity")))
+    recruitment: Any = field(default=None, metadata=spec(
+        "Block recruitment settings (a RecruitmentConfig or its dict); None disables recruitment.",
+        custom(_recruitment, optional=True)))
+    flex_compile: bool = field(default=True, metadata=spec(
+        "Compile flex_attention with torch.compile (fast kernel; the first call takes seconds).", boolean()))
     # ---- training-time locality (DESIGN.md section 4)
-    penalty: str = field(
-        default="none",
-        metadata=_help(
-            "Group-lasso penalty on Q/K head slices: 'none', 'loss' (the forward adds localist_loss_coef * penalty "
-            "to outputs.loss in training mode), or 'prox' (LocalistCallback applies the proximal step after each "
-            "optimizer step: exact zeros)."
-        ),
-    )
-    lambda_mode: str = field(
-        default="fixed",
-        metadata=_help("'fixed': lambda = penalty_lambda; 'threshold': lambda = alpha_train * kappa * lambda_threshold "
-                       "per (layer, head, block), from estimate_constants(...).threshold()."),
-    )
-    penalty_lambda: float = field(default=1e-3, metadata=_help("The fixed group-lasso weight lambda (>= 0)."))
-    alpha_train: float = field(
-        default=1.0, metadata=_help("Training-time locality in [0, 1] scaling the threshold lambda (lambda_mode='threshold').")
-    )
-    kappa: float = field(default=1.5, metadata=_help("Safety factor (> 0) on lambda_threshold; the papers suggest 1.5-2."))
-    localist_loss_coef: float = field(
-        default=1.0, metadata=_help("Weight (>= 0) of the penalty added to outputs.loss when penalty='loss'.")
-    )
-    general_head_fraction: float = field(
-        default=0.25, metadata=_help("Fraction in [0, 1) of query heads per layer that stay general (never penalised).")
-    )
-    subspace: str = field(
-        default="coordinate",
-        metadata=_help("Block feature subspaces U_i: 'coordinate' (fixed coordinate groups, for models trained from "
-                       "scratch) or 'pca' (top-r principal directions from calibrate_subspaces, for pretrained models)."),
-    )
-    subspace_rank: int | None = field(
-        default=None, metadata=_help("r, the rank of each block subspace; default hidden_size // (n_active_blocks + 1).")
-    )
-    active_blocks: list[int] | None = field(
-        default=None,
-        metadata=_help("Block slots that are active (have heads and subspaces); default 1..len(block_names), or "
-                       "1..max_blocks when no names are set."),
-    )
-    model_type: str | None = field(
-        default=None, metadata=_help("model_type of the model this config was built for (filled by apply_localist).")
-    )
-    num_layers: int | None = field(
-        default=None, metadata=_help("Number of attention layers of that model (filled by apply_localist).")
-    )
+    penalty: str = field(default="none", metadata=spec(
+        "Group-lasso penalty on Q/K head slices: 'none', 'loss' (the forward adds localist_loss_coef * penalty "
+        "to outputs.loss in training mode), or 'prox' (LocalistCallback applies the proximal step after each "
+        "optimizer step: exact zeros).", one_of(PENALTIES)))
+    lambda_mode: str = field(default="fixed", metadata=spec(
+        "'fixed': lambda = penalty_lambda; 'threshold': lambda = alpha_train * kappa * lambda_threshold "
+        "per (layer, head, block), from estimate_constants(...).threshold().", one_of(LAMBDA_MODES)))
+    penalty_lambda: float = field(default=1e-3, metadata=spec(
+        "The fixed group-lasso weight lambda (>= 0).", number(0)))
+    alpha_train: float = field(default=1.0, metadata=spec(
+        "Training-time locality in [0, 1] scaling the threshold lambda (lambda_mode='threshold').", number(0, 1)))
+    kappa: float = field(default=1.5, metadata=spec(
+        "Safety factor (> 0) on lambda_threshold; the papers suggest 1.5-2.",
+        number(0, open_low=True, note="the papers suggest 1.5-2")))
+    localist_loss_coef: float = field(default=1.0, metadata=spec(
+        "Weight (>= 0) of the penalty added to outputs.loss when penalty='loss'.", number(0)))
+    general_head_fraction: float = field(default=0.25, metadata=spec(
+        "Fraction in [0, 1) of query heads per layer that stay general (never penalised).",
+        number(0, 1, open_high=True, note="at least one head per layer must take a block")))
+    subspace: str = field(default="coordinate", metadata=spec(
+        "Block feature subspaces U_i: 'coordinate' (fixed coordinate groups, for models trained from "
+        "scratch) or 'pca' (top-r principal directions from calibrate_subspaces, for pretrained models).",
+        one_of(SUBSPACES)))
+    subspace_rank: int | None = field(default=None, metadata=spec(
+        "r, the rank of each block subspace; default hidden_size // (n_active_blocks + 1).",
+        integer(1, optional=True, note="None for the default")))
+    active_blocks: list[int] | None = field(default=None, metadata=spec(
+        "Block slots that are active (have heads and subspaces); default 1..len(block_names), or "
+        "1..max_blocks when no names are set.",
+        list_of(integer(1), distinct=True, sort=True, optional=True, note="block 0 is the general block")))
+    model_type: str | None = field(default=None, metadata=spec(
+        "model_type of the model this config was built for (filled by apply_localist).", text(optional=True)))
+    num_layers: int | None = field(default=None, metadata=spec(
+        "Number of attention layers of that model (filled by apply_localist).", integer(0, optional=True)))
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ validation (see config_fields)
     def __post_init__(self) -> None:
-        self._initialised = True
-        for f in dataclasses.fields(self):
-            self._validate_field(f.name, getattr(self, f.name))
-        self._validate_consistency()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if getattr(self, "_initialised", False) and name in self._field_names():
-            previous = getattr(self, name)
-            try:
-                value = self._validate_field(name, value)
-                object.__setattr__(self, name, value)
-                self._validate_consistency()
-            except LocalistConfigError:
-                object.__setattr__(self, name, previous)  # a rejected assignment leaves the config unchanged
-                raise
-            return
-        object.__setattr__(self, name, value)
-
-    @classmethod
-    def _field_names(cls) -> set[str]:
-        return {f.name for f in dataclasses.fields(cls)}
-
-    def _validate_field(self, name: str, value: Any) -> Any:
-        def bad(why: str) -> LocalistConfigError:
-            return LocalistConfigError(f"LocalistConfig.{name}={value!r} is invalid: {why}")
-
-        if name == "recruitment":
-            if value is None:
-                return value
-            from .recruitment_config import RecruitmentConfig
-
-            if isinstance(value, dict):
-                value = RecruitmentConfig.from_dict(value)
-            if not isinstance(value, RecruitmentConfig):
-                raise bad("expected a RecruitmentConfig, its dict, or None")
-            object.__setattr__(self, name, value)
-            return value
-        if name == "assign_threshold":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0:
-                raise bad("expected a cosine similarity in [-1, 1]")
-            object.__setattr__(self, name, float(value))
-            return float(value)
-        if name in ("alpha", "beta_anchor", "schedule_power", "penalty_lambda", "alpha_train", "kappa",
-                    "localist_loss_coef", "general_head_fraction"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise bad("expected a finite number")
-            if name == "alpha" and not 0.0 <= value <= 1.0:
-                raise bad("the dial must lie in [0, 1] (0 = unmodified model, 1 = hard block mask)")
-            if name == "beta_anchor" and value < 0:
-                raise bad("the anchor bonus must be >= 0")
-            if name == "schedule_power" and value <= 0:
-                raise bad("the progressive schedule exponent must be > 0 (the papers use 1, 3 or 5)")
-            if name in ("penalty_lambda", "localist_loss_coef") and value < 0:
-                raise bad("must be >= 0")
-            if name == "alpha_train" and not 0.0 <= value <= 1.0:
-                raise bad("must lie in [0, 1]")
-            if name == "kappa" and value <= 0:
-                raise bad("the safety factor must be > 0 (the papers suggest 1.5-2)")
-            if name == "general_head_fraction" and not 0.0 <= value < 1.0:
-                raise bad("must lie in [0, 1): at least one head per layer must take a block")
-            object.__setattr__(self, name, float(value))
-            return float(value)
-        choices = {"schedule": SCHEDULES, "backend": BACKENDS, "block_assignment": BLOCK_ASSIGNMENTS,
-                   "penalty": PENALTIES, "lambda_mode": LAMBDA_MODES, "subspace": SUBSPACES}
-        if name in choices:
-            if value not in choices[name]:
-                raise bad(f"choose one of {list(choices[name])}")
-            return value
-        if name in ("first_local_layer", "max_blocks", "num_layers", "general_token_id"):
-            if value is None and name in ("num_layers", "general_token_id"):
-                return value
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise bad("expected an integer")
-            if name == "max_blocks" and value < 1:
-                raise bad("need at least one block slot")
-            if value < 0:
-                raise bad("must be >= 0")
-            return value
-        if name == "block_names":
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-                raise bad("expected a list of non-empty strings")
-            if len(set(value)) != len(value):
-                raise bad("block names must be unique")
-            object.__setattr__(self, name, list(value))
-            return list(value)
-        if name == "subspace_rank":
-            if value is None:
-                return value
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad("expected a positive integer (or null for the default)")
-            return value
-        if name == "active_blocks":
-            if value is None:
-                return value
-            if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
-            ) or len(set(value)) != len(value):
-                raise bad("expected a list of distinct block slots >= 1 (block 0 is the general block)")
-            object.__setattr__(self, name, sorted(value))
-            return sorted(value)
-        if name == "anchor_token_ids":
-            if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-            ):
-                raise bad("expected a list of non-negative token ids")
-            object.__setattr__(self, name, list(value))
-            return list(value)
-        if name == "flex_compile":
-            if not isinstance(value, bool):
-                raise bad("expected true or false")
-            return value
-        if name == "model_type":
-            if value is not None and not isinstance(value, str):
-                raise bad("expected a string")
-            return value
-        return value
+        self._finish_init()
 
     def _validate_consistency(self) -> None:
         if len(self.anchor_token_ids) > self.max_blocks:
@@ -336,7 +199,7 @@ class LocalistConfig(PushToHubMixin):
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
         if out.get("recruitment") is not None:
             out["recruitment"] = out["recruitment"].to_dict()
         return out
@@ -349,11 +212,7 @@ class LocalistConfig(PushToHubMixin):
         if not isinstance(data, dict):
             raise LocalistLoadError(f"a localist config must be a JSON object, got {type(data).__name__}")
         merged = {**data, **overrides}
-        unknown = sorted(set(merged) - cls._field_names())
-        if unknown:
-            raise LocalistConfigError(
-                f"unknown LocalistConfig field(s) {unknown}; known fields: {sorted(cls._field_names())}"
-            )
+        cls._reject_unknown(sorted(merged))  # every unknown name at once, each with its close match
         return cls(**merged)
 
     def copy(self, **overrides: Any) -> LocalistConfig:
@@ -361,9 +220,7 @@ class LocalistConfig(PushToHubMixin):
 
     def update(self, **fields: Any) -> None:
         """Change several fields at once, in place, validated together (e.g. block names with their ids)."""
-        new = self.copy(**fields)
-        for k in self._field_names():  # the validated values (to_dict() would turn a RecruitmentConfig into a dict)
-            object.__setattr__(self, k, getattr(new, k))
+        self._assign(fields)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> str:
         """Write ``localist_config.json`` into ``save_directory`` (atomically); optionally push it to the Hub."""

@@ -39,14 +39,21 @@ from importlib import resources
 from typing import Any, Sequence
 
 import torch
+import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from .blocks import add_block_tokens, segment_block_ids
 from .config import LocalistConfig
-from .demo_recruit import RecruitSettings
-from .demo_report import format_table, train_label as _train_label
-from .demo_route import RouteSettings
+from .demo_figures import write_figures
+from .demo_recruit import RecruitSettings, run_recruitment
+from .demo_report import format_table, printed_tables, report_markdown
+from .demo_report import train_label as _train_label
+from .demo_route import RouteSettings, run_routing
 from .patch import LocalistHandle, apply_localist
-from .router_recruit import pad_right
+from .utils import pad_right
 
 TOPICS = ("world", "sports", "business", "scitech")
 TOPIC_TITLES = {"world": "World", "sports": "Sports", "business": "Business", "scitech": "Sci/Tech"}
@@ -131,8 +138,6 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 4000, min_frequency:
 
     ``[UNK]`` = 0, ``[PAD]`` = 1, ``[BOS]`` = 2; ``tokenizer(text)`` prepends ``[BOS]``.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -232,8 +237,6 @@ def unigram_perplexity(train: Sequence[Sequence[int]], seqs: Sequence[Sequence[i
 # ---------------------------------------------------------------------------------------------- model
 def build_model(vocab_size: int, settings: DemoSettings, bos_id: int, pad_id: int, seed: int):
     """A tiny ``LlamaForCausalLM`` from a config (random init, seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
         num_hidden_layers=settings.num_layers, num_attention_heads=settings.num_heads,
@@ -246,8 +249,6 @@ def build_model(vocab_size: int, settings: DemoSettings, bos_id: int, pad_id: in
 
 def _add_block_tokens_quietly(tokenizer, model, config: LocalistConfig) -> LocalistConfig:
     """``add_block_tokens`` without transformers' note about how the resized embeddings are initialised."""
-    from transformers.utils import logging as hf_logging
-
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -259,8 +260,6 @@ def _add_block_tokens_quietly(tokenizer, model, config: LocalistConfig) -> Local
 def train(model, handle: LocalistHandle, sampler: TrainingSampler, settings: DemoSettings, alpha: float,
           pad_id: int, desc: str, progress: bool = True) -> dict[str, Any]:
     """Plain torch loop (AdamW, linear warm-up, then linear decay) with the dial held at ``alpha``."""
-    from tqdm.auto import tqdm
-
     anchor_ids = handle.config.anchor_token_ids
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     warm, total = max(settings.warmup_steps, 1), max(settings.steps, 1)
@@ -294,8 +293,6 @@ def train(model, handle: LocalistHandle, sampler: TrainingSampler, settings: Dem
 def sweep(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]], dial_values: Sequence[float], pad_id: int,
           batch_size: int, desc: str, progress: bool = True) -> list[dict[str, float]]:
     """Per dial value: perplexity on the scored tokens, and mean H_t, PF_t, BM_t over all layers and queries."""
-    from tqdm.auto import tqdm
-
     anchor_ids = handle.config.anchor_token_ids
     model.eval()
     rows = []
@@ -326,8 +323,6 @@ def attention_mass(model, handle: LocalistHandle, seqs: Sequence[Sequence[int]],
     ([BOS]) excluded and the rest renormalised (as for BM_t), averaged over heads, localised layers and the
     queries of block i+1; a row sums to 1 and its diagonal entry is that block's mean BM_t.
     """
-    from tqdm.auto import tqdm
-
     cfg = handle.config
     n = len(cfg.anchor_token_ids)
     l0 = cfg.first_local_layer
@@ -385,12 +380,6 @@ def run_demo(output_dir: str | os.PathLike = "./demo_report", quick: bool = Fals
 
 def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table: bool,
               progress: bool) -> dict[str, Any]:
-    import transformers
-
-    from .demo_figures import write_figures
-    from .demo_recruit import run_recruitment
-    from .demo_report import printed_tables, report_markdown
-    from .demo_route import run_routing
 
     wall = time.perf_counter()
     times: dict[str, float] = {}

@@ -27,15 +27,17 @@ from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
 
+from . import theory
 from .config import LocalistConfig
 from .patch import apply_localist
-from .router_recruit import pad_right
-from . import theory
-from .centroid import activate_block
 from .recruitment import prepare, run_pass
 from .recruitment_config import RecruitmentConfig
 from .recruitment_ops import BatchSource, choose_clusters, collect_confused, restore_state, snapshot_state
+from .slots import activate_block
+from .utils import pad_right
 
 
 @dataclass
@@ -130,8 +132,6 @@ class PlainSampler:
 # ---------------------------------------------------------------------------------------------- model
 def build_blind_model(vocab: int, s: RecruitSettings, bos_id: int, pad_id: int, seed: int):
     """A tiny Llama; with ``freeze_qk`` its Q and K projections are zero and frozen (uniform causal attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(vocab_size=vocab, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                          num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
                          num_key_value_heads=s.num_heads, max_position_embeddings=4 * s.max_article_tokens + 8,
@@ -262,8 +262,6 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
     ``vocab_size``: rows of the model's embedding table (default ``len(tokenizer)``; the demo passes the size
     before the anchor tokens were added, since this model never sees them).
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     bos_id, pad_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     rng = random.Random(seed + 10)

@@ -22,8 +22,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
-from .router_recruit import pad_right
+from .router import LocalistRouterModel
+from .utils import pad_right
 
 
 @dataclass
@@ -86,11 +90,7 @@ def run_routing(base_model, tokenizer, train_articles, test_articles, topics: Se
                 s: RouteSettings, seed: int, max_tokens: int, progress: bool = True,
                 keep_dir: str | None = None) -> dict[str, Any]:
     """Specialists, router, evaluation (see the module docstring). ``base_model`` is a plain causal LM."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    from .router import LocalistRouterModel
 
     start = time.perf_counter()
     pad_id = tokenizer.pad_token_id

@@ -2,8 +2,8 @@
 
 :class:`LocalistForward` turns ``block_ids`` / anchor tokens / the dial of one call into a
 :class:`~hf_localist.call.CallContext` and passes it down with the call (keyword argument ``localist_call``); the
-block ids of cached positions travel with the KV cache object (``cache._localist_block_ids``), so generation equals
-a full forward over the whole sequence. The patches are instances of small classes (not closures), so a patched
+block ids of cached positions travel with the KV cache object (:mod:`hf_localist.cache`), so generation equals a full
+forward over the whole sequence. The patches are instances of small classes (not closures), so a patched
 model survives ``copy.deepcopy`` (the copy runs its own weights) and ``torch.save`` / ``torch.load``.
 
 Higher layers extend the forward's output without this module importing them: ``register_output_hook`` (the
@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .blocks import anchor_flags, segment_block_ids, validate_block_ids
+from .cache import cache_arg, cache_length, output_cache, track_cache
 from .call import CALL_KWARG, CallContext, current_call, scope_of, scoped
 from .errors import BlockIdsError, LocalistConfigError, LocalistStateError
 
@@ -89,9 +90,9 @@ class LocalistForward(PatchedMethod):
         handle = self.base.__dict__.get("localist_handle")
         for hook in _OUTPUT_HOOKS.values():
             out = hook(handle, out, bound, kwargs)
-        cache = _output_cache(out)
+        cache = output_cache(out)
         if cache is None:
-            cache = _cache_arg(bound)
+            cache = cache_arg(bound)
         if cache is not None and not isinstance(cache, (tuple, list)):
             track_cache(cache)
             cache._localist_block_ids = call.block_ids
@@ -132,37 +133,6 @@ def _resolve_alpha(call_alpha: float | None, scoped_alpha: float | None, model_a
     return scoped_alpha if scoped_alpha is not None else model_alpha
 
 
-# transformers renamed the KV cache argument and output field from ``past_key_values`` to ``cache`` (5.24); read both.
-_CACHE_NAMES = ("cache", "past_key_values")
-
-
-def _cache_arg(bound: dict) -> Any:
-    """The KV cache passed to forward, by either name, also when it arrived through ``**kwargs``."""
-    extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
-    for name in _CACHE_NAMES:
-        value = bound.get(name, extra.get(name))
-        if value is not None:
-            return value
-    return None
-
-
-def _output_cache(out: Any) -> Any:
-    if isinstance(out, tuple):
-        return None
-    for name in _CACHE_NAMES:
-        value = getattr(out, name, None)
-        if value is not None and not isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
-def _cache_length(cache: Any) -> int:
-    if cache is None or isinstance(cache, (tuple, list)):
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    return int(get()) if callable(get) else 0
-
-
 def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block_ids: Any,
                alpha: float | None) -> CallContext:
     """The CallContext of one forward: block ids of every position (cached ones from the cache), targets, sink."""
@@ -174,8 +144,8 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
         raise BlockIdsError("forward needs input_ids or inputs_embeds to lay out blocks")
     batch, new_len = ref.shape[0], ref.shape[1]
     device = ref.device
-    cache = _cache_arg(bound)
-    past_len = _cache_length(cache)
+    cache = cache_arg(bound)
+    past_len = cache_length(cache)
     prev = getattr(cache, "_localist_block_ids", None) if past_len > 0 else None
     if prev is not None:
         if prev.shape[1] < past_len:
@@ -267,52 +237,3 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
     return CallContext(block_ids=full, target_ids=target, anchors=anchor_flags(full), sink=sink, query_valid=valid,
                        alpha=_resolve_alpha(alpha, scope.alpha, cfg.alpha),
                        recorder=scope.recorder, probes=scope.probes, centroid_from=centroid_from)
-
-
-# ---------------------------------------------------------------------- the block ids stored with a KV cache
-def _reorder(value, beam_idx):
-    return value.index_select(0, beam_idx.to(value.device))
-
-
-def _repeat(value, repeats):
-    return value.repeat_interleave(repeats, dim=0)
-
-
-def _select(value, indices):
-    return value[indices.to(value.device)]
-
-
-def _crop(value, n):
-    # crop(n): n < 0 removes the last -n positions, n > 0 keeps the first n (older caches), n == 0 is a no-op.
-    return value if value.dim() == 1 or n == 0 else value[:, :n]
-
-
-_CACHE_METHODS = {"reorder_cache": _reorder, "batch_repeat_interleave": _repeat, "batch_select_indices": _select,
-                  "crop": _crop}
-
-
-class _TrackedCacheMethod:
-    """A cache method that also applies its batch / length change to the block ids stored on the cache."""
-
-    def __init__(self, cache: Any, name: str):
-        self.cache = cache
-        self.name = name
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        result = getattr(type(self.cache), self.name)(self.cache, *args, **kwargs)
-        transform = _CACHE_METHODS[self.name]
-        for attr in ("_localist_block_ids", "_localist_sink"):
-            value = self.cache.__dict__.get(attr)
-            if value is not None:
-                setattr(self.cache, attr, transform(value, *args, **kwargs))
-        return result
-
-
-def track_cache(cache: Any) -> None:
-    """Keep the block ids stored on a cache in step when generate() reorders, expands, selects or crops it."""
-    if cache.__dict__.get("_localist_tracked"):
-        return
-    for name in _CACHE_METHODS:
-        if callable(getattr(type(cache), name, None)):
-            setattr(cache, name, _TrackedCacheMethod(cache, name))
-    cache._localist_tracked = True

@@ -17,6 +17,8 @@ from collections import defaultdict
 
 import torch
 
+from .errors import LocalistConfigError
+
 METRICS = ("entropy", "pointer_fidelity", "block_mass")
 
 
@@ -58,8 +60,6 @@ class DiagnosticsRecorder:
     def values(self, layer: int, metric: str) -> torch.Tensor:
         """Every recorded value of ``metric`` at ``layer`` (1-D, NaN-free), in recording order."""
         if metric not in METRICS:
-            from .errors import LocalistConfigError
-
             raise LocalistConfigError(f"metric={metric!r} is not one of {list(METRICS)}")
         chunks = self._values.get(layer, {}).get(metric, [])
         return torch.cat(chunks) if chunks else torch.empty(0)

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from . import distributed, theory
-from .centroid import activate_block, ensure_slots, set_block_enabled
+from .slots import activate_block, ensure_slots, set_block_enabled
 from .errors import LocalistConfigError, LocalistError
 from .qk import input_size
 from .recruitment_config import RecruitmentConfig
@@ -45,7 +45,7 @@ from .recruitment_ops import (BatchSource, Proposal, batches_of, choose_clusters
                               pca_basis, restore_state, restore_weights, score_tokens, snapshot_state,
                               snapshot_weights, train_budget, write_log)
 from .subspaces import complement_basis, layer_subspaces
-from .trainer import localist_handle_of, merge_pending_logs
+from .callback import localist_handle_of, merge_pending_logs
 
 LOG_FILE = "recruitment_log.jsonl"
 

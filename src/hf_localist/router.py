@@ -22,16 +22,25 @@ import os
 from typing import Any, Sequence
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import initialization as init
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from . import router_config as rc
 from . import router_store as rs
 from .errors import LocalistConfigError, LocalistError, LocalistLoadError
-from .router_config import (LocalistRouterConfig, LocalistRouterGenerateOutput, LocalistRouterOutput, RoutingDecision,
-                            resolve_entry_path)
-from .router_generate import generate_hard, generate_mixture, upcast as _upcast
+from .router_config import (
+    LocalistRouterConfig,
+    LocalistRouterGenerateOutput,
+    LocalistRouterOutput,
+    RoutingDecision,
+    resolve_entry_path,
+)
+from .router_generate import generate_hard, generate_mixture
+from .router_generate import upcast as _upcast
+from .router_recruit import domain_entropy, fit_router, init_router_from_prompts, recruit_specialist
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,6 @@ class LocalistRouterModel(PreTrainedModel):
         return nn.Linear(h, n_out)
 
     def _init_weights(self, module: nn.Module) -> None:
-        from transformers import initialization as init
-
         super()._init_weights(module)
         if module is self:
             init.zeros_(self.feature_mean)
@@ -127,8 +134,6 @@ class LocalistRouterModel(PreTrainedModel):
             raise LocalistLoadError(f"no saved router at {path!r}: the directory does not exist")
         else:
             try:
-                from huggingface_hub import snapshot_download
-
                 root = snapshot_download(path, **hub)
             except Exception as e:  # noqa: BLE001
                 raise LocalistLoadError(f"cannot fetch the router repo {path!r} ({type(e).__name__}: {e})") from e
@@ -421,26 +426,18 @@ class LocalistRouterModel(PreTrainedModel):
     # ------------------------------------------------------------------ fitting and recruitment
     def fit_router(self, dataset: Any, **kwargs: Any) -> dict[str, Any]:
         """Fit the router on domain-labelled data (see :func:`hf_localist.router_recruit.fit_router`)."""
-        from .router_recruit import fit_router
-
         return fit_router(self, dataset, **kwargs)
 
     def init_router_from_prompts(self, prompts: dict[str, Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         """Initialise the router from a few example prompts per specialist (class-mean prototypes)."""
-        from .router_recruit import init_router_from_prompts
-
         return init_router_from_prompts(self, prompts, **kwargs)
 
     def domain_entropy(self, data: Any, **kwargs: Any) -> torch.Tensor:
         """H_domain (nats) of each input of ``data`` (texts or token id lists)."""
-        from .router_recruit import domain_entropy
-
         return domain_entropy(self, data, **kwargs)
 
     def recruit_specialist(self, data: Any, **kwargs: Any):
         """LLM-level recruitment (see :func:`hf_localist.router_recruit.recruit_specialist`)."""
-        from .router_recruit import recruit_specialist
-
         return recruit_specialist(self, data, **kwargs)
 
     # ------------------------------------------------------------------ saving and the Hub

@@ -1,8 +1,9 @@
 """``LocalistRouterConfig``, the router's output types, and the resolution of specialist paths (DESIGN.md 7).
 
 The config is a transformers ``PreTrainedConfig`` (``model_type = "localist_router"``), so a router saves as a
-``config.json`` and loads through ``AutoConfig``. Each field carries help text in ``metadata["help"]`` and is
-validated on construction and on assignment (``LocalistConfigError`` naming the field and the value).
+``config.json`` and loads through ``AutoConfig``. Each field carries help text and its rule in its metadata
+(``config_fields``) and is validated on construction and on assignment (``LocalistConfigError`` naming the field
+and the value).
 
 A specialist entry is a dict ``{"path", "kind", "source", "recruitment"}``:
 
@@ -16,16 +17,18 @@ A specialist entry is a dict ``{"path", "kind", "source", "recruitment"}``:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import PreTrainedConfig
 from transformers.utils import ModelOutput
 
+from .config_fields import (Invalid, ValidatedFields, custom, integer, list_of, number, one_of, plain, spec, text,
+                            validate_field)
 from .errors import LocalistConfigError, LocalistLoadError
 
 ROUTING_MODES = ("hard", "soft", "top_k")
@@ -37,10 +40,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 def check_name(name: Any) -> str:
     """A specialist name: it becomes a directory (``specialists/<name>``) and a repo suffix (``<repo>-<name>``)."""
     if not isinstance(name, str) or not _NAME.match(name) or ".." in name or len(name) > 64:
@@ -50,63 +49,99 @@ def check_name(name: Any) -> str:
     return name
 
 
-class LocalistRouterConfig(PreTrainedConfig):
-    """Settings of a ``LocalistRouterModel``: the base, the specialists, the router and the routing mode."""
+def _specialists(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise Invalid("expected a dict name -> {'path', 'kind', 'source', 'recruitment'}")
+    for name, entry in value.items():
+        check_name(name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
+            raise Invalid(f"specialist {name!r} needs a non-empty 'path'", {name: entry})
+        if entry.get("kind") not in KINDS:
+            raise Invalid(f"specialist {name!r}: 'kind' must be one of {list(KINDS)}", {name: entry})
+        if entry.get("source", "reference") not in SOURCES:
+            raise Invalid(f"specialist {name!r}: 'source' must be one of {list(SOURCES)}", {name: entry})
+        unknown = sorted(set(entry) - {"path", "kind", "source", "recruitment"})
+        if unknown:
+            raise Invalid(f"specialist {name!r}: unknown key(s) {unknown}", {name: entry})
+    return value
+
+
+#: r of theta_LLM = r * theta_block (DESIGN.md section 7).
+THETA_RATIO = number(*R_RANGE)
+
+
+class LocalistRouterConfig(ValidatedFields, PreTrainedConfig):
+    """Settings of a ``LocalistRouterModel``: the base, the specialists, the router and the routing mode.
+
+    Like every ``PreTrainedConfig`` it may carry extra attributes (transformers sets some, ``from_pretrained``
+    keeps unknown keys of ``config.json``), so only a near-miss of one of its own fields (``routng="soft"``) is
+    refused as a typo.
+    """
 
     model_type = "localist_router"
+    _closed = False
+    _ready_flag = "_post_init_done"  # transformers' own flag, already kept out of config.json
 
-    base_model_path: str | None = field(
-        default=None, metadata=_help("The base causal LM: an absolute local directory, a Hub id, or 'base' (a copy "
-                                     "inside the saved router directory). Its pooled hidden states feed the router."))
-    base_source: str = field(default="reference", metadata=_help("'reference' or 'copy' (see base_model_path)."))
-    specialists: dict | None = field(
-        default=None, metadata=_help("name -> {'path', 'kind' ('full'|'adapter'), 'source' ('reference'|'copy'), "
-                                     "'recruitment'}; the order is the order of the router's outputs."))
-    specialist_order: list | None = field(
-        default=None, metadata=_help("The specialists' names in router-output order (config.json sorts dict keys, so "
-                                     "the order is kept here; set automatically)."))
-    routing: str = field(
-        default="hard", metadata=_help("'hard' (argmax: only the chosen specialist runs), 'soft' (mixture of all "
-                                       "specialists' next-token distributions weighted by the router), 'top_k' "
-                                       "(mixture over the routing_k most probable, renormalised)."))
-    routing_k: int = field(default=2, metadata=_help("k of top_k routing (>= 1; capped at the number of specialists)."))
-    router_hidden_size: int = field(
-        default=0, metadata=_help("0: the router is a linear layer on pooled base hidden states; > 0: a 1-hidden-layer "
-                                  "MLP of this width (GELU)."))
-    hidden_size: int | None = field(default=None, metadata=_help("Hidden size of the base (the router's input width)."))
-    vocab_size: int | None = field(default=None, metadata=_help("Vocabulary size of the base (every specialist's)."))
-    base_model_type: str | None = field(default=None, metadata=_help("model_type of the base (every specialist's)."))
-    max_loaded_specialists: int = field(
-        default=4, metadata=_help("Specialists kept in memory (least recently used ones are released past it; >= 1)."))
-    max_router_tokens: int = field(
-        default=512, metadata=_help("The router reads at most this many leading tokens of an input (>= 1)."))
-    gamma: float = field(
-        default=0.8, metadata=_help("recruit_specialist: an input is confused if H_domain > gamma ln M (in [0, 1])."))
-    theta_ratio: float = field(
-        default=100.0, metadata=_help("r in theta_LLM = r * theta_block, in [50, 200] (DESIGN.md section 7)."))
-    theta_block: float | None = field(
-        default=None, metadata=_help("theta_block in nats (>= 0); None: the RecruitmentConfig default."))
+    base_model_path: str | None = field(default=None, metadata=spec(
+        "The base causal LM: an absolute local directory, a Hub id, or 'base' (a copy inside the saved router "
+        "directory). Its pooled hidden states feed the router."))
+    base_source: str = field(default="reference", metadata=spec(
+        "'reference' or 'copy' (see base_model_path).", one_of(SOURCES)))
+    specialists: dict | None = field(default=None, metadata=spec(
+        "name -> {'path', 'kind' ('full'|'adapter'), 'source' ('reference'|'copy'), 'recruitment'}; the order is "
+        "the order of the router's outputs.", custom(_specialists, optional=True)))
+    specialist_order: list | None = field(default=None, metadata=spec(
+        "The specialists' names in router-output order (config.json sorts dict keys, so the order is kept here; "
+        "set automatically).", list_of(text(nonempty=True), distinct=True, optional=True)))
+    routing: str = field(default="hard", metadata=spec(
+        "'hard' (argmax: only the chosen specialist runs), 'soft' (mixture of all specialists' next-token "
+        "distributions weighted by the router), 'top_k' (mixture over the routing_k most probable, renormalised).",
+        one_of(ROUTING_MODES)))
+    routing_k: int = field(default=2, metadata=spec(
+        "k of top_k routing (>= 1; capped at the number of specialists).", integer(1)))
+    router_hidden_size: int = field(default=0, metadata=spec(
+        "0: the router is a linear layer on pooled base hidden states; > 0: a 1-hidden-layer MLP of this width "
+        "(GELU).", integer(0)))
+    hidden_size: int | None = field(default=None, metadata=spec(
+        "Hidden size of the base (the router's input width).", integer(1, optional=True)))
+    vocab_size: int | None = field(default=None, metadata=spec(
+        "Vocabulary size of the base (every specialist's).", integer(1, optional=True)))
+    base_model_type: str | None = field(default=None, metadata=spec(
+        "model_type of the base (every specialist's)."))
+    max_loaded_specialists: int = field(default=4, metadata=spec(
+        "Specialists kept in memory (least recently used ones are released past it; >= 1).", integer(1)))
+    max_router_tokens: int = field(default=512, metadata=spec(
+        "The router reads at most this many leading tokens of an input (>= 1).", integer(1)))
+    gamma: float = field(default=0.8, metadata=spec(
+        "recruit_specialist: an input is confused if H_domain > gamma ln M (in [0, 1]).", number(0, 1)))
+    theta_ratio: float = field(default=100.0, metadata=spec(
+        "r in theta_LLM = r * theta_block, in [50, 200] (DESIGN.md section 7).", THETA_RATIO))
+    theta_block: float | None = field(default=None, metadata=spec(
+        "theta_block in nats (>= 0); None: the RecruitmentConfig default.", number(0, optional=True)))
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        self._check_all()
-        if self.specialists is not None:
+        self._finish_init()
+        if self.specialists is not None:  # the dict in router-output order (config.json sorted its keys)
             order = self.specialist_order if self.specialist_order is not None else list(self.specialists)
-            if not isinstance(order, list) or sorted(order) != sorted(self.specialists):
-                raise _bad("specialist_order", order, f"must list exactly the specialists {sorted(self.specialists)}")
-            super().__setattr__("specialists", {n: self.specialists[n] for n in order})
-            super().__setattr__("specialist_order", list(order))
+            self._assign({"specialists": {n: self.specialists[n] for n in order}, "specialist_order": order})
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _CHECKS and self.__dict__.get("_post_init_done", False):
-            _CHECKS[name](value)  # before the assignment: a bad value never lands on the config
+        if name == "specialists" and self.__dict__.get(self._ready_flag, False):
+            # A new dict brings its own order; both change together (or neither).
+            self._assign({name: value, "specialist_order": list(value) if isinstance(value, dict) else None})
+            return
         super().__setattr__(name, value)
-        if name == "specialists" and self.__dict__.get("_post_init_done", False):
-            super().__setattr__("specialist_order", None if value is None else list(value))
 
-    def _check_all(self) -> None:
-        for name, check in _CHECKS.items():
-            check(getattr(self, name))
+    def _validate_consistency(self) -> None:
+        if self.specialists is not None and self.specialist_order is not None \
+                and sorted(self.specialist_order) != sorted(self.specialists):
+            raise LocalistConfigError(
+                f"LocalistRouterConfig.specialist_order={list(self.specialist_order)!r} is invalid: must list exactly "
+                f"the specialists {sorted(self.specialists)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: plain(v) for k, v in super().to_dict().items()}  # plain lists, as from any PreTrainedConfig
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -127,74 +162,14 @@ def resolve_theta_block(theta_block: float | None) -> float:
     return float(theta_block)
 
 
-def _bad(name: str, value: Any, why: str) -> LocalistConfigError:
-    return LocalistConfigError(f"LocalistRouterConfig.{name}={value!r} is invalid: {why}")
-
-
-def _choice(name: str, choices: tuple[str, ...]):
-    def check(value: Any) -> None:
-        if value not in choices:
-            raise _bad(name, value, f"choose one of {list(choices)}")
-    return check
-
-
-def _int(name: str, low: int, optional: bool = False):
-    def check(value: Any) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _bad(name, value, f"expected an integer >= {low}")
-    return check
-
-
-def _number(name: str, low: float, high: float = math.inf, optional: bool = False):
-    def check(value: Any) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
-            raise _bad(name, value, f"expected a finite number in [{low}, {high}]")
-    return check
-
-
 def check_r(value: Any) -> float:
     """r of theta_LLM = r * theta_block must lie in [50, 200]."""
-    _number("theta_ratio", *R_RANGE)(value)
-    return float(value)
+    return validate_field("LocalistRouterConfig", "theta_ratio", value, THETA_RATIO)
 
 
-def _check_specialists(value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise _bad("specialists", value, "expected a dict name -> {'path', 'kind', 'source', 'recruitment'}")
-    for name, entry in value.items():
-        check_name(name)
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not entry["path"]:
-            raise _bad("specialists", {name: entry}, f"specialist {name!r} needs a non-empty 'path'")
-        if entry.get("kind") not in KINDS:
-            raise _bad("specialists", {name: entry}, f"specialist {name!r}: 'kind' must be one of {list(KINDS)}")
-        if entry.get("source", "reference") not in SOURCES:
-            raise _bad("specialists", {name: entry}, f"specialist {name!r}: 'source' must be one of {list(SOURCES)}")
-        unknown = sorted(set(entry) - {"path", "kind", "source", "recruitment"})
-        if unknown:
-            raise _bad("specialists", {name: entry}, f"specialist {name!r}: unknown key(s) {unknown}")
-
-
-_CHECKS = {
-    "routing": _choice("routing", ROUTING_MODES),
-    "base_source": _choice("base_source", SOURCES),
-    "routing_k": _int("routing_k", 1),
-    "router_hidden_size": _int("router_hidden_size", 0),
-    "hidden_size": _int("hidden_size", 1, optional=True),
-    "vocab_size": _int("vocab_size", 1, optional=True),
-    "max_loaded_specialists": _int("max_loaded_specialists", 1),
-    "max_router_tokens": _int("max_router_tokens", 1),
-    "gamma": _number("gamma", 0.0, 1.0),
-    "theta_ratio": _number("theta_ratio", *R_RANGE),
-    "theta_block": _number("theta_block", 0.0, optional=True),
-    "specialists": _check_specialists,
-}
+#: field -> check(value) by the field's rule, for per-call overrides (``router(ids, routing="soft")``).
+_CHECKS = {name: partial(validate_field, "LocalistRouterConfig", name, rule=rule)
+           for name, rule in LocalistRouterConfig._field_rules.items()}
 #: Fields that ``LocalistRouterModel.from_pretrained(path, **kwargs)`` may override (not the model-defining ones).
 OVERRIDABLE = ("routing", "routing_k", "max_loaded_specialists", "max_router_tokens", "gamma", "theta_ratio",
                "theta_block")

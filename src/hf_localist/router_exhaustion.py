@@ -28,6 +28,7 @@ import torch
 from . import theory
 from .errors import LocalistConfigError
 from .recruitment_ops import confusion
+from .utils import pad_right
 
 
 @dataclass
@@ -72,7 +73,6 @@ def block_recruitment_status(model: Any, seq_len: int, name: str = "") -> BlockR
 def confused_fractions(model: Any, seqs: Sequence[Sequence[int]], pad_id: int, epsilon: float,
                        batch_size: int = 16) -> torch.Tensor:
     """(n,) share of each sequence's tokens that are confused inside the localist ``model``."""
-    from .router_recruit import pad_right  # router_recruit imports this module
 
     handle = model.localist_handle
     device = next(handle.base.parameters()).device

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +34,6 @@ def generate_hard(model_of: Callable[[int], Any], d, ids, mask, pos, opts: dict)
 def generate_mixture(model_of: Callable[[int], Any], d, ids, mask, pos, opts: dict) -> torch.Tensor:
     """soft / top_k: one KV cache per specialist; each step mixes next-token distributions,
     ``log sum_m w_m p_m`` over the routed specialists, then picks (greedy) or samples with the warpers."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
     warpers = LogitsProcessorList()
     if opts["do_sample"]:
         if opts["temperature"] not in (None, 1.0):

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +30,8 @@ from torch import nn
 from .errors import LocalistConfigError
 from .router_config import check_r, resolve_entry_path, resolve_theta_block
 from .router_exhaustion import exhausted_inputs
+from .router_store import load_causal_lm
+from .utils import pad_right
 
 TRIGGERS = ("both", "entropy", "exhausted")
 
@@ -99,16 +102,6 @@ def _to_ids(router, x: Any) -> list[int]:
     if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise LocalistConfigError(f"an input is empty or not a sequence of token ids: {str(x)[:80]!r}")
     return ids[: router.config.max_router_tokens]
-
-
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def _pad_id(router) -> int:
@@ -274,16 +267,12 @@ def summed_nll(fn, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int =
 
 def _train_candidate(router, seqs, candidate: str, lora_config: Any, steps: int, lr: float, batch_size: int,
                      seed: int):
-    from .router_store import load_causal_lm
-
     cfg = router.config
     base_loc = resolve_entry_path(router._root, "the base model", cfg.base_model_path, cfg.base_source)
     torch.manual_seed(seed)
     # A localist base gives a localist candidate: it trains under the blocks it will run with inside the router.
     model = load_causal_lm(base_loc)
     if candidate == "lora":
-        import warnings
-
         from peft import LoraConfig, get_peft_model
 
         with warnings.catch_warnings():  # peft 0.21 calls transformers' deprecated is_gradient_checkpointing

@@ -8,18 +8,30 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Sequence
 
 import torch
+import transformers.utils.hub as hf_hub
+from huggingface_hub import CommitOperationAdd, snapshot_download
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .auto import AutoLocalistModel, has_localist_state
 from .errors import LocalistConfigError, LocalistLoadError
-from .router_config import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LocalistRouterConfig, detect_kind, locate, read_json,
-                            resolve_entry_path)
+from .router_config import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LocalistRouterConfig,
+    detect_kind,
+    locate,
+    read_json,
+    resolve_entry_path,
+)
+from .utils import move_tree_contents
 
 logger = logging.getLogger("hf_localist.router")
 
@@ -114,8 +126,6 @@ class SpecialistPool:
 
 
 def find_tokenizer(root: str | None, base_loc: str):
-    from transformers import AutoTokenizer
-
     for loc in (root, base_loc):
         if loc and os.path.isdir(loc) and any(os.path.isfile(os.path.join(loc, f))
                                               for f in ("tokenizer.json", "tokenizer_config.json")):
@@ -129,9 +139,6 @@ def find_tokenizer(root: str | None, base_loc: str):
 def save_router(router: Any, save_directory: str, copy_specialists: bool, save_weights) -> None:
     """See ``LocalistRouterModel.save_pretrained``: everything is written into a temporary sibling directory, then
     moved into place file by file (``os.replace``)."""
-    import tempfile
-
-    from .utils import move_tree_contents
 
     os.makedirs(save_directory, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-router-", dir=os.path.dirname(os.path.abspath(save_directory)))
@@ -162,8 +169,6 @@ def save_router(router: Any, save_directory: str, copy_specialists: bool, save_w
 
 def _copy_model_dir(src: str, dst: str, what: str) -> None:
     if not os.path.isdir(src):
-        from huggingface_hub import snapshot_download
-
         try:
             src = snapshot_download(src)
         except Exception as e:  # noqa: BLE001
@@ -272,8 +277,6 @@ def _compare_arch(what: str, raw: dict, base: Any) -> None:
 
 
 def _open_safetensors(path: str, what: str):
-    from safetensors import SafetensorError, safe_open
-
     try:
         return safe_open(path, "pt")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -343,8 +346,6 @@ def check_specialist(name: str, loc: str, kind: str, base: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- the Hub
 def _push_dir(api: Any, src: str, repo_id: str, readme: str, opts: dict, adapter_base: str | None = None) -> Any:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".tmp-*", "README.md"))
         if adapter_base is not None:  # the pushed adapter points at the pushed (or referenced) base
@@ -358,8 +359,6 @@ def _push_dir(api: Any, src: str, repo_id: str, readme: str, opts: dict, adapter
 
 
 def _commit(api: Any, folder: str, repo_id: str, opts: dict) -> Any:
-    from huggingface_hub import CommitOperationAdd
-
     ops = []
     for dirpath, _, files in os.walk(folder):
         for f in sorted(files):
@@ -376,10 +375,6 @@ def _commit(api: Any, folder: str, repo_id: str, opts: dict) -> Any:
 def push_router(router: Any, repo_id: str, *, private: bool | None, token: Any, commit_message: str | None,
                 create_pr: bool, revision: str | None, push_base: bool | None, specialist_repo: str) -> dict[str, Any]:
     """See ``LocalistRouterModel.push_to_hub``."""
-    import tempfile
-
-    import transformers.utils.hub as hf_hub
-    from transformers import PreTrainedModel
 
     api = hf_hub.hf_api()
     opts = {"token": token, "commit_message": commit_message, "create_pr": create_pr, "revision": revision}

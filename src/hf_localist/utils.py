@@ -1,10 +1,13 @@
-"""Small shared helpers: atomic file writes and directory replacement."""
+"""Small shared helpers: atomic file writes, directory replacement, right-padding of token id lists."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from typing import Sequence
+
+import torch
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -36,3 +39,14 @@ def move_tree_contents(src: str, dst: str) -> None:
                 os.unlink(d)
         os.replace(s, d)
     shutil.rmtree(src, ignore_errors=True)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (ids, attention_mask), both (N, max_len), padded on the right with ``pad_id``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask

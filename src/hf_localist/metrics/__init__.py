@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..errors import LocalistConfigError
+
 #: The metric modules shipped here (each is ``<name>/<name>.py`` next to this file).
 METRIC_NAMES = ("attention_entropy", "pointer_fidelity", "block_mass")
 
@@ -28,8 +30,6 @@ __all__ = ["METRIC_NAMES", "path", "load"]
 
 def path(name: str) -> str:
     """The local path of the metric module ``name`` (a directory ``evaluate.load`` accepts)."""
-    from ..errors import LocalistConfigError
-
     if name not in METRIC_NAMES:
         raise LocalistConfigError(f"metric {name!r} is not one of {list(METRIC_NAMES)}")
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
