@@ -1,4 +1,4 @@
-"""Speed and memory of hf_localist's attention (DESIGN.md section 9), as ratios measured side by side in one run.
+"""Speed and memory of hf_localist's attention (docs/design.md section 9), as ratios measured side by side in one run.
 
 Sections (markdown tables on stdout; ``--out FILE`` writes them to a file too):
 
@@ -33,22 +33,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchlib  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backend_flex import flex_attention_hard  # noqa: E402
-from hf_localist.backends import Layout, repeat_kv, segment_attention  # noqa: E402
+from hf_localist.attention.backends import Layout, repeat_kv, segment_attention  # noqa: E402
+from hf_localist.attention.flex import flex_attention_hard  # noqa: E402
 
 try:  # absent before the plan cache existed: the script then also measures the original backends (git history)
-    from hf_localist.backends import _segment_plan, clear_plan_cache
+    from hf_localist.attention.backends import _segment_plan, clear_plan_cache
 except ImportError:  # pragma: no cover - only with an old hf_localist on PYTHONPATH
     _segment_plan = None
 
     def clear_plan_cache() -> None:
         pass
-from hf_localist.blocks import anchor_flags  # noqa: E402
+from hf_localist.blocks.ids import anchor_flags  # noqa: E402
 
 OUT: list[str] = []
 
@@ -269,14 +269,19 @@ def section_b2(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ ref: before/after
 def load_ref_backends(ref: str):
-    """``hf_localist/backends.py`` as it was at git commit ``ref``, imported as a separate module."""
+    """``hf_localist/attention/backends.py`` as it was at git commit ``ref``, imported as a separate module."""
     import importlib.util
     import tempfile
 
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True,
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    text = subprocess.run(["git", "show", f"{ref}:src/hf_localist/backends.py"], capture_output=True, text=True,
-                          check=True, cwd=root).stdout
+    for where in ("src/hf_localist/attention/backends.py", "src/hf_localist/backends.py"):  # after / before the move
+        shown = subprocess.run(["git", "show", f"{ref}:{where}"], capture_output=True, text=True, cwd=root)
+        if shown.returncode == 0:
+            text = shown.stdout
+            break
+    else:
+        raise SystemExit(f"--ref {ref}: no backends.py at that commit")
     path = os.path.join(tempfile.mkdtemp(prefix="ref-backends-"), "ref_backends.py")
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -289,7 +294,7 @@ def load_ref_backends(ref: str):
 
 def section_ref(args) -> None:
     """The current segment backend vs the one at git commit ``--ref``, interleaved in one process."""
-    from hf_localist import attention as attention_module
+    from hf_localist.attention import function as attention_module
 
     ref = load_ref_backends(args.ref)
     seqs = args.seqs or ([1024] if args.quick else [2048, 4096])
@@ -297,7 +302,7 @@ def section_ref(args) -> None:
     emit(f"### segment now vs segment at commit `{args.ref}` (same process, interleaved)")
     emit()
     emit("Same configurations as b1 (op, no grad, layout plan warm) and b2 (model forward+backward, plan rebuilt per "
-         "call); the model runs the old function by swapping `hf_localist.attention.segment_attention` around its "
+         "call); the model runs the old function by swapping `hf_localist.attention.function.segment_attention` around its "
          "calls. Speedup = sdpa time / backend time (median of per-round ratios).")
     emit()
     rows = []

@@ -33,13 +33,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchlib  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backends import Layout, clear_plan_cache, segment_attention  # noqa: E402
-from hf_localist.blocks import anchor_flags  # noqa: E402
+from hf_localist.attention.backends import Layout, clear_plan_cache, segment_attention  # noqa: E402
+from hf_localist.blocks.ids import anchor_flags  # noqa: E402
 
 
 def emit(text: str = "") -> None:
@@ -155,8 +155,8 @@ def _recruit_run(args, every: int, steps: int) -> dict:
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
     from hf_localist import RecruitmentConfig
-    from hf_localist import recruitment as rec
-    from hf_localist.demo import build_tokenizer, load_articles
+    from hf_localist.demo.run import build_tokenizer, load_articles
+    from hf_localist.recruitment import recruit as rec
     from hf_localist.trainer import LocalistTrainer
 
     articles = load_articles("train")

@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_localist import LocalistConfig, apply_localist
-from hf_localist.penalty import prox_step
+from hf_localist.training.penalty import prox_step
 
 
 def build(args, penalty: str):

@@ -1,7 +1,7 @@
 """Correctness check of the hard-mode backends: ``segment_attention`` (and ``flex_attention_hard``) vs the
 reference ``dense_attention`` at ``alpha = 1``, outputs AND gradients, on random layouts.
 
-Run after any change to ``src/hf_localist/backends.py``::
+Run after any change to ``src/hf_localist/attention/backends.py``::
 
     python benchmarks/check_segment.py            # ~1 minute on 2 CPU cores
     python benchmarks/check_segment.py --cases 40 # fewer random cases
@@ -23,8 +23,8 @@ import sys
 
 import torch
 
-from hf_localist.backends import Layout, base_mask_as_float, block_bias, dense_attention, segment_attention
-from hf_localist.blocks import anchor_flags
+from hf_localist.attention.backends import Layout, base_mask_as_float, block_bias, dense_attention, segment_attention
+from hf_localist.blocks.ids import anchor_flags
 
 
 def random_blocks(g: torch.Generator, length: int, num_blocks: int, mean_run: int) -> torch.Tensor:
@@ -95,7 +95,7 @@ def same_block_mask(layout, mask, b: int, t: int, s: int) -> bool:
     ``mask_mod`` evaluated everywhere): a wrongly 'full' tile would skip the mask in the compiled kernel."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    from hf_localist.backend_flex import _flex_block_mask
+    from hf_localist.attention.flex import _flex_block_mask
 
     ours = _flex_block_mask(layout, mask, b, t, s)
     ref = create_block_mask(ours.mask_mod, b, None, t, s, device="cpu")
@@ -114,7 +114,7 @@ def same_block_mask(layout, mask, b: int, t: int, s: int) -> bool:
 def check_cache() -> bool:
     """The per-call plan cache never serves a stale plan: in-place change of the mask, equal-valued new layouts,
     alternating layouts, a plan built under inference mode then used with autograd."""
-    from hf_localist.backends import clear_plan_cache
+    from hf_localist.attention.backends import clear_plan_cache
 
     g = torch.Generator().manual_seed(11)
     ok = True
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'PASS' if ok else 'FAIL'} case {i} {shown} beta={beta} {str(spec['dtype'])[6:]}: "
                   f"out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}")
         if args.flex and beta == 0.0 and spec["total"] >= 1:
-            from hf_localist.backend_flex import flex_attention_hard
+            from hf_localist.attention.flex import flex_attention_hard
 
             with torch.no_grad():
                 ref, _ = dense_attention(q, k, v, mask, layout, 1.0, 0.0, scaling)

@@ -17,9 +17,9 @@ import tempfile
 import torch
 
 from hf_localist import AutoLocalistModel, LocalistConfig, add_block_tokens, apply_localist
-from hf_localist.demo import (
-    DemoSettings,
+from hf_localist.demo.run import (
     TOPICS,
+    DemoSettings,
     TrainingSampler,
     build_model,
     build_tokenizer,

@@ -1,9 +1,9 @@
-"""Hierarchical recruitment on bundled AG News: a base, one specialist per topic, a router (DESIGN.md section 7).
+"""Hierarchical recruitment on bundled AG News: a base, one specialist per topic, a router (docs/design.md section 7).
 
     python examples/router_agnews.py            # full run, about 1.5 minutes on one CPU thread
     python examples/router_agnews.py --quick    # about 1 minute
 
-1. a word-level tokenizer and a tiny ``LlamaForCausalLM`` from a config (``hf_localist.demo`` helpers), trained
+1. a word-level tokenizer and a tiny ``LlamaForCausalLM`` from a config (``hf_localist.demo.run`` helpers), trained
    briefly on articles of all four topics (World, Sports, Business, Sci/Tech): the *base*;
 2. one specialist per topic, trained briefly from the base on that topic's articles: a full fine-tune
    (``--specialist full``, the default) or a LoRA adapter on the base (``--specialist lora``);
@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 from hf_localist import LocalistRouterModel
-from hf_localist.demo import TOPICS, TOPIC_TITLES, build_model, build_tokenizer, load_articles, pad_batch
+from hf_localist.demo.run import TOPIC_TITLES, TOPICS, build_model, build_tokenizer, load_articles, pad_batch
 
 
 @dataclass

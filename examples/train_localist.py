@@ -29,7 +29,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from hf_localist import LocalistConfig, apply_localist
-from hf_localist import demo as D
+from hf_localist.demo import run as D
 from hf_localist.trainer import LocalistTrainer
 
 

@@ -1,6 +1,6 @@
 """Exponential concentration: attention entropy H_t and pointer fidelity PF_t against the margin delta/tau and the dial.
 
-DESIGN.md section 5 bounds the attention of a query by the margin ``delta`` of its anchors (min anchor logit minus
+docs/design.md section 5 bounds the attention of a query by the margin ``delta`` of its anchors (min anchor logit minus
 max logit outside the anchors) over the temperature ``tau``:
 
     leak = (N-A) e^(-delta/tau) / (A + (N-A) e^(-delta/tau))  <=  ((N-A)/A) e^(-delta/tau)
@@ -123,7 +123,7 @@ class MarginProbe:
         import torch
 
         from hf_localist import theory
-        from hf_localist.backends import base_mask_as_float, block_bias, repeat_kv
+        from hf_localist.attention.backends import base_mask_as_float, block_bias, repeat_kv
 
         with torch.no_grad():
             state = self.handle.state
@@ -162,7 +162,7 @@ def tiny_llama_dial(quick: bool, seed: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import hf_localist as hl
-    from hf_localist.calibration import estimate_constants
+    from hf_localist.training.calibration import estimate_constants
 
     n_blocks, layers, batch, seq = 4, 2, (4 if quick else 16), (48 if quick else 96)
     beta_anchor = 6.0
@@ -326,7 +326,7 @@ def markdown(res: dict) -> str:
         f"wall time {res['wall_s']:.0f} s, CPU time {res['cpu_s']:.0f} s, on a 2-core CPU shared with other jobs).",
         "",
         "**Question.** Do attention entropy `H_t` and pointer fidelity `PF_t` concentrate exponentially in the anchor "
-        "margin `delta/tau`, as the bounds of DESIGN.md section 5 say, and does the dial widen the margins?",
+        "margin `delta/tau`, as the bounds of docs/design.md section 5 say, and does the dial widen the margins?",
         "",
         "**Setup.** (1) *Controlled logits*: "
         f"{c['n_rows']} rows of logits with a constructed margin (`delta/tau` in [-4, 12], N in {{16, 64, 256}} keys, "

@@ -1,6 +1,6 @@
 """Quality cost of locality: held-out perplexity at full locality against the distributed baseline.
 
-The follow-up papers (DESIGN.md, top) report that localising attention costs 6.6x the dense perplexity with a uniform
+The follow-up papers (docs/design.md, top) report that localising attention costs 6.6x the dense perplexity with a uniform
 schedule and 1.89x with their best (progressive, late-layer) schedule. We measure the same ratio on real text.
 
 Data: Tiny Shakespeare (``/work/shared/data/tinyshakespeare/input.txt``, first 90% for training, last 10% held out),

@@ -11,7 +11,7 @@ at zero) and frozen tied embeddings ``e_c + 0.5 f_j``, so only a localist block 
 assignment) can restrict a query to its own cluster.
 
 For each K, the model trains in chunks of ``every`` plain steps; after each chunk one recruitment pass runs
-(``hf_localist.recruitment.recruit(..., max_passes=1)``, the same pass the Trainer callback runs every ``every``
+(``hf_localist.recruitment.recruit.recruit(..., max_passes=1)``, the same pass the Trainer callback runs every ``every``
 steps) until recruitment stops (a pass accepts nothing, no slot is free, or ``p_max`` is reached); training then
 continues to the end. Recorded per chunk: active blocks, held-out NLL per token, purity of every block against
 the true clusters. ``p_max = theory.p_max(N, H_min, theta_H)`` is the bound recruitment itself uses
@@ -136,7 +136,7 @@ def run_k(k: int, s: dict, seed: int, theta_block: float | None = None, theta_H:
     import torch
 
     import hf_localist as hl
-    from hf_localist.recruitment import recruit
+    from hf_localist.recruitment.recruit import recruit
 
     start = time.perf_counter()
     train, _ = synthetic(s["n_train"], k, seed=1000 * seed + 20 + k)
@@ -202,7 +202,7 @@ def run_k(k: int, s: dict, seed: int, theta_block: float | None = None, theta_H:
         stop_reason = "still_running_at_end"
     pur = purities(handle, held, held_clus)
     # The same final weights with every block disabled: what the blocks themselves are worth.
-    from hf_localist.slots import set_block_enabled
+    from hf_localist.patch.slots import set_block_enabled
 
     slots = handle.config.active_block_list()
     final_nll = heldout_nll_per_token(model, held)

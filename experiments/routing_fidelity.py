@@ -59,7 +59,7 @@ def official_test_articles(path: str, per_topic: int, seed: int):
     """``per_topic`` articles per topic from the official AG News test split (labels 1-4 -> topics 0-3)."""
     import csv
 
-    from hf_localist.demo import Article, clean_text
+    from hf_localist.demo.run import Article, clean_text
 
     rows = [[] for _ in range(4)]
     with open(path, newline="", encoding="utf-8") as fh:
@@ -77,7 +77,7 @@ def layer_inputs(model, seqs, pad_id, layer: int, batch_size: int = 32):
     got = []
     q_proj = model.model.layers[layer].self_attn.q_proj
     hook = q_proj.register_forward_pre_hook(lambda _m, args: got.append(args[0].detach()))
-    from hf_localist.demo import pad_batch
+    from hf_localist.demo.run import pad_batch
 
     out = []
     try:
@@ -129,7 +129,7 @@ def record_specialist(handle, seqs, pad_id, layer: int, batch_size: int = 32):
     """Per input: target log-probs (list of 1-D tensors), and mean H_t, PF_t, BM_t, coverage over its queries."""
     import torch
 
-    from hf_localist.demo import pad_batch
+    from hf_localist.demo.run import pad_batch
 
     logps, stats = [], {m: [] for m in LOCALITY}
     with torch.no_grad(), handle.record() as rec, handle.capture_layouts() as calls:
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     from hf_localist import LocalistRouterModel
-    from hf_localist.demo import TOPICS, TOPIC_TITLES, build_model, build_tokenizer, load_articles, pad_batch
+    from hf_localist.demo.run import TOPIC_TITLES, TOPICS, build_model, build_tokenizer, load_articles, pad_batch
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -1,6 +1,6 @@
 """Threshold calibration: does group-lasso localisation switch on at the predicted lambda_threshold?
 
-DESIGN.md section 5 predicts, from constants measured on calibration batches,
+docs/design.md section 5 predicts, from constants measured on calibration batches,
 
     lambda_threshold = 2 L_l R_x sigma_X sqrt(|X_i|) / (tau (1 - rho_max)) * exp(-delta/tau)
 
@@ -95,9 +95,9 @@ def _grad_group_norms(handle):
     """(L, H, n) and (L, H_kv, n): ||grad_g|| of every Q / K group, from the weights' current .grad."""
     import torch
 
-    from hf_localist.penalty import _project
-    from hf_localist.qk import qk_head_weights
-    from hf_localist.subspaces import layer_subspaces
+    from hf_localist.arch.qk import qk_head_weights
+    from hf_localist.training.penalty import _project
+    from hf_localist.training.subspaces import layer_subspaces
 
     u = layer_subspaces(handle)
     qs, ks = [], []
@@ -125,7 +125,7 @@ def train_run(seed: int, optimizer: str, multiplier: float | None, threshold, st
     """Train with lambda = multiplier * threshold (None: no penalty); return the end-of-training measurements."""
     import torch
 
-    from hf_localist.penalty import group_norms, kkt_ratios, penalty_weights, prox_step
+    from hf_localist.training.penalty import group_norms, kkt_ratios, penalty_weights, prox_step
 
     if multiplier is None:
         model, handle = synthetic_model(seed, "fixed", 0.0)
@@ -186,7 +186,7 @@ def train_run(seed: int, optimizer: str, multiplier: float | None, threshold, st
 def calibrate(seed: int):
     import torch
 
-    from hf_localist.calibration import estimate_constants
+    from hf_localist.training.calibration import estimate_constants
 
     model, handle = synthetic_model(seed)
     loader = [synthetic_batch(16, torch.Generator().manual_seed(50 + seed * 10 + i)) for i in range(4)]
@@ -245,7 +245,7 @@ def markdown(res: dict) -> str:
         f"{res['wall_s']:.0f} s, CPU time {res.get('cpu_s', float('nan')):.0f} s, on a 2-core CPU shared with other "
         "jobs).",
         "",
-        "**Question.** Above the predicted `lambda_threshold` (DESIGN.md section 5), does the proximal group-lasso "
+        "**Question.** Above the predicted `lambda_threshold` (docs/design.md section 5), does the proximal group-lasso "
         "step keep every off-block Q/K group exactly zero, and below it not?",
         "",
         "**Setup.** The synthetic task of `tests/test_trainer.py`: a 2-layer Llama (hidden 48, 4 heads, one K head per "
@@ -340,7 +340,7 @@ def main(argv=None) -> dict:
             handle, rep = calibrate(seed)
             thresholds[seed] = rep.threshold()
             reports[seed] = rep
-            from hf_localist.penalty import penalty_weights
+            from hf_localist.training.penalty import penalty_weights
 
             handle.state.lambda_threshold = thresholds[seed]
             handle.update(lambda_mode="threshold", kappa=1.0)
@@ -362,7 +362,7 @@ def main(argv=None) -> dict:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        from hf_localist.calibration import estimate_constants
+        from hf_localist.training.calibration import estimate_constants
 
         loader = [synthetic_batch(16, torch.Generator().manual_seed(50 + seeds[0] * 10 + i)) for i in range(4)]
         thr_trained = estimate_constants(handle, loader).threshold()[pen]
@@ -471,7 +471,7 @@ def reading(res: dict, below: list | None = None) -> list[str]:
         lines.append(
             f"- With SGD the predicted threshold is the right order of magnitude, and slightly low: at m = 1 "
             f"{at1['zero_fraction']:.2f} of the off-block groups end exactly zero, and all of them (every seed) from "
-            f"m = {t:g} on; below, the fraction falls ({partial}). The safety factor kappa = 1.5-2 that DESIGN.md "
+            f"m = {t:g} on; below, the fraction falls ({partial}). The safety factor kappa = 1.5-2 that docs/design.md "
             f"suggests is what it took here. For the zero groups the KKT condition holds on a fresh batch at m >= "
             f"{t:g} (max ratio {max(kkts) if kkts else float('nan'):.2f}); ratios a little above 1 at smaller m are "
             "batch noise (the prox step saw other batches).")

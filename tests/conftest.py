@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import math  # noqa: E402
 
 import pytest  # noqa: E402
-from huggingface_hub.errors import EntryNotFoundError  # noqa: E402
 import torch  # noqa: E402
+from huggingface_hub.errors import EntryNotFoundError  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -132,7 +132,7 @@ def left_pad_mask(batch: int, seq: int, pads: list[int]) -> torch.Tensor:
 
 def reference_mask(block_ids: torch.Tensor, alpha: float, beta_anchor: float = 0.0, causal: bool = True,
                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The additive (B, 1, T, T) float mask of DESIGN.md section 3, written independently of the package.
+    """The additive (B, 1, T, T) float mask of docs/design.md section 3, written independently of the package.
 
     Causality and the 2-D padding mask give -inf. For a query t in block b >= 1 and a visible key s:
     +log(1 - alpha) when s is in another block j >= 1 (j != b) and is not the sink (the first non-padding token);

@@ -26,10 +26,11 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import hf_localist as hl  # noqa: E402
-from hf_localist.recruitment import RecruitmentCallback  # noqa: E402
-from hf_localist.trainer import LocalistTrainer  # noqa: E402
 from test_recruitment import blind_llama, synthetic  # noqa: E402
+
+import hf_localist as hl  # noqa: E402
+from hf_localist.recruitment.recruit import RecruitmentCallback  # noqa: E402
+from hf_localist.trainer import LocalistTrainer  # noqa: E402
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()

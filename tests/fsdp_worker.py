@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hf_localist as hl  # noqa: E402
-from hf_localist.penalty import group_norms, kkt_ratios, penalty, prox_step  # noqa: E402
+from hf_localist.training.penalty import group_norms, kkt_ratios, penalty, prox_step  # noqa: E402
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()

@@ -21,7 +21,7 @@ from conftest import (
 )
 
 import hf_localist as hl
-from hf_localist.recorder import DiagnosticsRecorder
+from hf_localist.attention.recorder import DiagnosticsRecorder
 
 B, T = 3, 14
 
@@ -127,7 +127,7 @@ def test_progressive_schedule_layers_below_l0_pass_through(arch):
 @pytest.mark.parametrize("backend", ["dense", "segment", "auto"])
 @pytest.mark.parametrize("case", ["plain", "padded_anchor_bonus"])
 def test_hard_mode_matches_reference_block_mask(arch, backend, case):
-    """alpha = 1 equals the unpatched sdpa model given the block mask of DESIGN.md section 3 as a 4-D float mask."""
+    """alpha = 1 equals the unpatched sdpa model given the block mask of docs/design.md section 3 as a 4-D float mask."""
     padded = case != "plain"
     beta = 0.7 if padded else 0.0
     model = build_model(arch)

@@ -1,4 +1,4 @@
-"""Tests for hf_localist.calibration: ``estimate_constants`` measures the constants of DESIGN.md section 5.
+"""Tests for hf_localist.training.calibration: ``estimate_constants`` measures the constants of docs/design.md section 5.
 
 The bound functions themselves are proven in test_theory.py; here the plumbing is checked: shapes, values that
 can be recomputed independently (tau, delta from the attention weights, R_x, sigma_X, |X_i|, rho_max), the
@@ -12,16 +12,14 @@ import math
 
 import pytest
 import torch
+from conftest import HIDDEN, build_model, random_block_ids, random_ids
 
 import hf_localist as hl
-from hf_localist import theory
-from hf_localist.calibration import ConstantsReport, estimate_constants
+from hf_localist.arch.qk import projection_module
 from hf_localist.errors import LocalistError
-from hf_localist.penalty import penalty_weights
-from hf_localist.qk import projection_module
-from hf_localist.subspaces import calibrate_subspaces
-
-from conftest import HIDDEN, build_model, random_block_ids, random_ids
+from hf_localist.training.calibration import ConstantsReport, estimate_constants
+from hf_localist.training.penalty import penalty_weights
+from hf_localist.training.subspaces import calibrate_subspaces
 
 H, D, L = 4, HIDDEN // 4, 2
 ACTIVE = [1, 2, 3]
@@ -277,7 +275,7 @@ def test_pca_calibration_does_not_build_a_tokens_by_tokens_matrix(monkeypatch):
 
 
 def test_orthogonalise_keeps_rank_when_subspaces_overlap():
-    from hf_localist.subspaces import orthogonalise
+    from hf_localist.training.subspaces import orthogonalise
 
     g = torch.Generator().manual_seed(0)
     a, _ = torch.linalg.qr(torch.randn(32, 6, generator=g))

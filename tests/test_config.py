@@ -12,7 +12,7 @@ from conftest import ARCHS, LAYERS, build_model, tiny_config
 from transformers import HfArgumentParser
 
 import hf_localist as hl
-from hf_localist.config import LOCALIST_CONFIG_NAME
+from hf_localist.config.localist import LOCALIST_CONFIG_NAME
 
 
 def test_defaults_and_help_text():
@@ -216,7 +216,7 @@ def test_one_rule_reads_the_same_in_every_class(cls, field, value):
 
 
 def test_choice_and_range_rules_share_one_message_style():
-    from hf_localist.config_fields import number, one_of, validate_field
+    from hf_localist.config.fields import number, one_of, validate_field
 
     for owner in ("LocalistConfig", "RecruitmentConfig", "LocalistRouterConfig"):
         with pytest.raises(hl.LocalistConfigError, match=rf"^{owner}\.x='z' is invalid: choose one of \['a', 'b'\]$"):

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from hf_localist import LocalistConfig, add_block_tokens
-from hf_localist.blocks import segment_block_ids
+from hf_localist.blocks.ids import segment_block_ids
 from hf_localist.cli import build_parser, main
-from hf_localist.demo import (
+from hf_localist.demo.recruit import describe_recruited, plain_sequence
+from hf_localist.demo.run import (
     DIAL_VALUES,
     MASS_DIAL_VALUES,
     TOPICS,
@@ -25,7 +26,6 @@ from hf_localist.demo import (
     make_sequence,
     run_demo,
 )
-from hf_localist.demo_recruit import describe_recruited, plain_sequence
 
 STEPS = 3  # smaller than --quick: the checks below are about the plumbing, not the quality
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import hf_localist as hl
 from hf_localist import errors
-from hf_localist.config import LOCALIST_CONFIG_NAME
-from hf_localist.registry import _REGISTRY
+from hf_localist.arch.registry import _REGISTRY
+from hf_localist.config.localist import LOCALIST_CONFIG_NAME
 
 T = 10
 

@@ -10,7 +10,8 @@ from torch._dynamo.utils import counters
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_localist as hl
-from hf_localist import backend_flex, backends
+from hf_localist.attention import backends
+from hf_localist.attention import flex as backend_flex
 
 T = 192
 

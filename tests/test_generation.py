@@ -13,7 +13,7 @@ from conftest import PAD, build_model, left_pad_mask, random_block_ids, random_i
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import hf_localist as hl
-from hf_localist.blocks import segment_block_ids
+from hf_localist.blocks.ids import segment_block_ids
 
 P, NEW = 8, 8  # prompt length, new tokens
 DIALS = [0.7, 1.0]

@@ -20,7 +20,7 @@ from conftest import (
 from peft import LoraConfig, get_peft_model
 
 import hf_localist as hl
-from hf_localist.config import LOCALIST_CONFIG_NAME
+from hf_localist.config.localist import LOCALIST_CONFIG_NAME
 
 # transformers 5.23 deprecates gradient_checkpointing_* for activation_checkpointing_* (peft still calls the old names).
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")

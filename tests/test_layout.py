@@ -64,9 +64,15 @@ def _imports(name: str) -> list[tuple[str, bool, int]]:
     tree = ast.parse(MODULES[name].read_text())
     top_level = {id(n) for stmt in tree.body for n in ast.walk(stmt)
                  if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    # ``if TYPE_CHECKING:`` imports are for annotations only: they never run, so they are no edge of the graph
+    typing_only = {id(n) for stmt in ast.walk(tree) if isinstance(stmt, ast.If)
+                   and getattr(stmt.test, "id", getattr(stmt.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(stmt)}
     package = _package_of(name)
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         local = id(node) not in top_level
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]

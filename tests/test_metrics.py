@@ -73,7 +73,7 @@ def test_matches_the_recorder():
     """The metric modules and DiagnosticsRecorder agree on one attention matrix."""
     import torch
 
-    from hf_localist.recorder import DiagnosticsRecorder
+    from hf_localist.attention.recorder import DiagnosticsRecorder
 
     torch.manual_seed(0)
     T = 6

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import hf_localist as hl
-from hf_localist.blocks import anchor_flags, segment_block_ids
+from hf_localist.blocks.ids import anchor_flags, segment_block_ids
 
 T = 12
 

@@ -1,10 +1,10 @@
-"""Tests for hf_localist.penalty: the group-lasso penalty on Q/K head slices (DESIGN.md section 4).
+"""Tests for hf_localist.training.penalty: the group-lasso penalty on Q/K head slices (docs/design.md section 4).
 
     penalty = sum_l sum_h sum_{i != b(h)} lambda_{l,h,i} * ( ||W_Q^(l,h) U_i||_F + ||W_K^(l,kv(h)) U_i||_F )
     prox:     W_g <- max(0, 1 - lr * lambda / ||W_g||) * W_g
 
 The reference values are written here from the raw weights (``q_proj.weight``, GPT-2's ``c_attn.weight``, ...)
-with ``torch.linalg.norm``, independently of ``hf_localist.qk``.
+with ``torch.linalg.norm``, independently of ``hf_localist.arch.qk``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HIDDEN, build_model, random_block_ids, random_ids
 
 import hf_localist as hl
 from hf_localist.errors import LocalistConfigError, LocalistError, UnsupportedArchitectureError
-from hf_localist.penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
-from hf_localist.subspaces import calibrate_subspaces, head_blocks, layer_subspaces
-
-from conftest import HIDDEN, build_model, random_block_ids, random_ids
+from hf_localist.training.penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
+from hf_localist.training.subspaces import calibrate_subspaces, head_blocks, layer_subspaces
 
 # Tiny Llama from conftest: hidden 32, 2 layers, 4 query heads, 2 K/V heads (D = 8). With 3 active blocks and
 # general_head_fraction 0.25, the 2 K groups are fewer than the blocks, so heads take blocks one by one:
@@ -439,7 +438,7 @@ def test_calibration_without_tokens_of_a_block_names_it():
 
 
 def test_penalty_on_architecture_without_qk_projections():
-    from hf_localist import registry
+    from hf_localist.arch import registry
 
     hl.register_localist_arch("granite", q_proj="wq", k_proj="wk", layout="linear", overwrite=True)
     try:

@@ -16,10 +16,18 @@ import threading
 
 import pytest
 import torch
+from conftest import (
+    ARCHS,
+    DECODER_ARCHS,
+    LAYERS,
+    assert_close_scaled,
+    build_model,
+    main_output,
+    random_block_ids,
+    random_ids,
+)
 
 import hf_localist as hl
-from conftest import (ARCHS, DECODER_ARCHS, LAYERS, assert_close_scaled, build_model, main_output, random_block_ids,
-                      random_ids)
 
 T = 12
 

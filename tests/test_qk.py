@@ -1,4 +1,4 @@
-"""Tests for hf_localist.qk: per-head Q/K weight views read and write the right weights for every layout.
+"""Tests for hf_localist.arch.qk: per-head Q/K weight views read and write the right weights for every layout.
 
 The reference is the model's own projection: a forward hook captures the projection module's output, which is
 sliced per head exactly as the modeling code does (GPT-2 splits ``c_attn`` into three E-wide parts, Phi-3 takes the
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ARCHS, build_model, random_ids
 
 import hf_localist as hl
+from hf_localist.arch.qk import head_counts, kv_head_of, projection_module, qk_head_weights
 from hf_localist.errors import UnsupportedArchitectureError
-from hf_localist.qk import head_counts, kv_head_of, projection_module, qk_head_weights
-
-from conftest import ARCHS, build_model, random_ids
 
 QK_ARCHS = list(ARCHS)
 REQUIRED = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gpt_neox", "bert", "roberta")

@@ -1,4 +1,4 @@
-"""Tests for block recruitment (recruitment.py, DESIGN.md section 6).
+"""Tests for block recruitment (recruitment.py, docs/design.md section 6).
 
 The synthetic language: K clusters, each with its own V = 16 tokens (``3 + c * V + j``). A sequence is BOS then
 segments of one random cluster (a new segment starts with probability q = 0.2); a segment's first token has a
@@ -21,17 +21,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_model, random_ids
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import hf_localist as hl
-from hf_localist.slots import set_block_enabled
+from hf_localist.attention.recorder import DiagnosticsRecorder
 from hf_localist.errors import LocalistConfigError
-from hf_localist.recorder import DiagnosticsRecorder
-from hf_localist.recruitment import LOG_FILE, RecruitmentCallback, prepare, recruit
-from hf_localist.recruitment_ops import code_length, count_params
+from hf_localist.patch.slots import set_block_enabled
+from hf_localist.recruitment.ops import code_length, count_params
+from hf_localist.recruitment.recruit import LOG_FILE, RecruitmentCallback, prepare, recruit
 from hf_localist.trainer import LocalistTrainer
-
-from conftest import build_model, random_ids
 
 BOS, V, T = 1, 16, 64
 
@@ -458,7 +457,7 @@ def test_batches_from_transformers_collators_are_accepted():
     """Trainer's collators return a BatchEncoding (a UserDict, not a dict): recruitment must take it."""
     from transformers import BatchEncoding
 
-    from hf_localist.recruitment_ops import batches_of, clean_batch
+    from hf_localist.recruitment.ops import batches_of, clean_batch
 
     ids = torch.tensor([[5, 6, 7, 0]])
     mask = torch.tensor([[1, 1, 1, 0]])

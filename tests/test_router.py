@@ -1,4 +1,4 @@
-"""LocalistRouterModel (DESIGN.md section 7): routing modes, generation, persistence, the Hub, recruitment, errors.
+"""LocalistRouterModel (docs/design.md section 7): routing modes, generation, persistence, the Hub, recruitment, errors.
 
 Tiny config-built Llama models (vocab 100, hidden 32) are saved into temporary directories: a base, a full
 specialist ``alpha`` and two LoRA specialists ``beta`` and ``gamma``, in float64 so that comparisons are exact up
@@ -20,8 +20,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LogitsProcessorList,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from hf_localist import LocalistConfigError, LocalistLoadError, LocalistRouterConfig, LocalistRouterModel
 from hf_localist.utils import pad_right
@@ -92,7 +100,7 @@ def close(a, b, tol=1e-9):
 def test_hard_routing_equals_the_chosen_specialist_alone(zoo, caplog):
     router = make_router(zoo, "hard")
     x = ids()
-    with caplog.at_level(logging.INFO, logger="hf_localist.router"):
+    with caplog.at_level(logging.INFO, logger="hf_localist.router.model"):
         out = router(x)
     assert out.chosen.shape == (6, 1) and len(set(out.chosen[:, 0].tolist())) >= 2
     assert "routing (hard)" in caplog.text

@@ -1,4 +1,4 @@
-"""LLM-level recruitment's second trigger: the chosen specialist's block recruitment is exhausted (DESIGN.md s. 7).
+"""LLM-level recruitment's second trigger: the chosen specialist's block recruitment is exhausted (docs/design.md s. 7).
 
 Specialists here are localist full checkpoints saved with ``save_pretrained`` after ``apply_localist``: the router
 must load them localist (dial, blocks and recruitment status), which is what lets it see that their block
@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 from peft import LoraConfig
+from test_router import domain, tiny_llama
 from transformers import LlamaForCausalLM
 
 from hf_localist import LocalistConfig, LocalistConfigError, LocalistRouterModel, RecruitmentConfig, apply_localist
-from hf_localist.recruitment import set_status
-from hf_localist.router_exhaustion import block_recruitment_status, confused_fractions, exhausted_inputs
+from hf_localist.recruitment.recruit import set_status
+from hf_localist.router.exhaustion import block_recruitment_status, confused_fractions, exhausted_inputs
 from hf_localist.utils import pad_right
-from test_router import domain, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
@@ -164,7 +164,7 @@ def test_lora_specialists_on_a_localist_base(tmp_path):
 
 
 def test_candidates_on_a_localist_base_train_under_its_blocks(tmp_path, monkeypatch):
-    from hf_localist import router_recruit
+    from hf_localist.router import recruit as router_recruit
 
     base = tiny_llama(0, torch.float32)
     apply_localist(base, LocalistConfig(alpha=1.0, anchor_token_ids=[3, 4], block_names=["a", "b"]))

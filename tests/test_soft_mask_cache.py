@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import LAYERS, build_model, left_pad_mask, main_output, random_block_ids, random_ids
 
 import hf_localist as hl
-from conftest import LAYERS, build_model, left_pad_mask, main_output, random_block_ids, random_ids
-from hf_localist import backends
+from hf_localist.attention import backends
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -42,8 +42,8 @@ def test_soft_mask_is_built_once_per_call_and_changes_nothing(model_type, monkey
 def test_chunked_soft_attention_equals_the_full_mask(pads):
     """Long causal sequences run SDPA per chunk of queries over the keys they can see: same outputs and gradients
     as the explicit softmax over the whole (B, 1, T, S) mask, left padding included."""
-    from hf_localist.backends import Layout, base_mask_as_float, dense_attention, key_extents
-    from hf_localist.blocks import anchor_flags
+    from hf_localist.attention.backends import Layout, base_mask_as_float, dense_attention, key_extents
+    from hf_localist.blocks.ids import anchor_flags
 
     torch.manual_seed(0)
     b, h, t, d = 2, 2, 640, 8

@@ -1,4 +1,4 @@
-"""Tests for hf_localist.trainer and hf_localist.persistence: penalties inside transformers' Trainer, locality
+"""Tests for hf_localist.trainer and hf_localist.patch.persistence: penalties inside transformers' Trainer, locality
 metrics in the logs, counters and localist state through checkpoints, and training-time locality on a synthetic
 task with known blocks.
 """
@@ -11,16 +11,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_model, random_block_ids, random_ids
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_localist as hl
 from hf_localist.errors import LocalistConfigError, LocalistLoadError, LocalistStateError
-from hf_localist.penalty import group_norms, kkt_ratios, penalty_weights, prox_step
-from hf_localist.persistence import STATE_FILE, load_localist_state, save_localist_state
-from hf_localist.subspaces import calibrate_subspaces
+from hf_localist.patch.persistence import STATE_FILE, load_localist_state, save_localist_state
 from hf_localist.trainer import LocalistCallback, LocalistTrainer, localist_handle_of
-
-from conftest import build_model, random_block_ids, random_ids
+from hf_localist.training.penalty import group_norms, kkt_ratios, penalty_weights, prox_step
+from hf_localist.training.subspaces import calibrate_subspaces
 
 
 # ---------------------------------------------------------------------------------- helpers

@@ -29,14 +29,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import benchlib  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import benchlib  # noqa: E402
 from hf_localist import LocalistConfig, apply_localist  # noqa: E402
-from hf_localist.backend_flex import flex_attention_hard  # noqa: E402
-from hf_localist.backends import Layout, clear_plan_cache  # noqa: E402
-from hf_localist.blocks import anchor_flags  # noqa: E402
+from hf_localist.attention.backends import Layout, clear_plan_cache  # noqa: E402
+from hf_localist.attention.flex import flex_attention_hard  # noqa: E402
+from hf_localist.blocks.ids import anchor_flags  # noqa: E402
 
 
 def emit(text: str = "") -> None:

@@ -1,14 +1,15 @@
 """hf_localist: localist attention for Hugging Face Transformers models.
 
 One dial from the unmodified (distributed) model to block-sparse (localist) attention, applied to existing
-models through transformers' ``AttentionInterface``. See ``docs/`` and DESIGN.md.
+models through transformers' ``AttentionInterface``. See ``docs/`` (the design contract: ``docs/design.md``).
 """
 
-from .attention import ATTENTION_KEY, localist_attention
-from .auto import AutoLocalistModel
-from .callback import LocalistCallback
-from .blocks import GENERAL_TOKEN, add_block_tokens, anchor_token
-from .config import LocalistConfig
+from .arch.registry import ArchSpec, get_arch_spec, register_localist_arch, supported_architectures
+from .attention.function import ATTENTION_KEY, localist_attention
+from .attention.recorder import DiagnosticsRecorder
+from .blocks.ids import GENERAL_TOKEN, add_block_tokens, anchor_token
+from .config.localist import LocalistConfig
+from .config.recruitment import RecruitmentConfig
 from .errors import (
     BackendError,
     BlockIdsError,
@@ -18,14 +19,14 @@ from .errors import (
     LocalistStateError,
     UnsupportedArchitectureError,
 )
-from .patch import LocalistHandle, apply_localist
-from .recorder import DiagnosticsRecorder
-from .recruitment import RecruitmentCallback, recruit
-from .recruitment_config import RecruitmentConfig
-from .registry import ArchSpec, get_arch_spec, register_localist_arch, supported_architectures
-from .router import LocalistRouterModel
-from .router_config import LocalistRouterConfig
+from .patch.apply import apply_localist
+from .patch.auto import AutoLocalistModel
+from .patch.handle import LocalistHandle
+from .recruitment.recruit import RecruitmentCallback, recruit
+from .router.config import LocalistRouterConfig
+from .router.model import LocalistRouterModel
 from .trainer import LocalistTrainer
+from .training.callback import LocalistCallback
 
 __version__ = "0.1.0"
 

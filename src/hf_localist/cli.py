@@ -29,12 +29,12 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__
-from . import config as cfg_module
-from .auto import AutoLocalistModel
-from .config import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
-from .demo import run_demo
+from .config import localist as cfg_module
+from .config.localist import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
+from .demo.run import run_demo
 from .errors import LocalistConfigError, LocalistError, LocalistLoadError
-from .patch import apply_localist
+from .patch.apply import apply_localist
+from .patch.auto import AutoLocalistModel
 
 
 class Command:

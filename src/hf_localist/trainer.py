@@ -1,7 +1,7 @@
 """``LocalistTrainer``: a ``transformers.Trainer`` that runs the localist callbacks and saves the localist state.
 
-It adds a :class:`~hf_localist.callback.LocalistCallback` (penalties, locality metrics) and, when
-``LocalistConfig.recruitment`` is set, a :class:`~hf_localist.recruitment.RecruitmentCallback`; it turns on
+It adds a :class:`~hf_localist.training.callback.LocalistCallback` (penalties, locality metrics) and, when
+``LocalistConfig.recruitment`` is set, a :class:`~hf_localist.recruitment.recruit.RecruitmentCallback`; it turns on
 ``restore_callback_states_from_checkpoint`` so their counters survive a resume.
 """
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from transformers import Trainer
 
-from .callback import LocalistCallback, localist_handle_of
-from .persistence import load_localist_state, save_localist_state
-from .recruitment import RecruitmentCallback
+from .patch.persistence import load_localist_state, save_localist_state
+from .recruitment.recruit import RecruitmentCallback
+from .training.callback import LocalistCallback, localist_handle_of
 
 
 class LocalistTrainer(Trainer):
@@ -39,7 +39,7 @@ class LocalistTrainer(Trainer):
             self._localist_first()
         self._add_recruitment()
 
-    # ---- block recruitment (recruitment.py): added when LocalistConfig.recruitment is set
+    # ---- block recruitment (recruitment/recruit.py): added when LocalistConfig.recruitment is set
     def _add_recruitment(self) -> None:
         ours = [cb for cb in self.callback_handler.callbacks if isinstance(cb, RecruitmentCallback)]
         if not ours and localist_handle_of(self.model).config.recruitment is not None:
@@ -50,7 +50,8 @@ class LocalistTrainer(Trainer):
         self._localist_first()
 
     def _localist_first(self) -> None:
-        """Put the LocalistCallback(s), then any RecruitmentCallback, first: the reporting callbacks see their metrics."""
+        """Put the LocalistCallback(s), then any RecruitmentCallback, first: the reporting callbacks see their
+        metrics."""
         callbacks = self.callback_handler.callbacks
         ours = [cb for cb in callbacks if isinstance(cb, LocalistCallback)]
         ours += [cb for cb in callbacks if isinstance(cb, RecruitmentCallback)]

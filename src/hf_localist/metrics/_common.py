@@ -7,8 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import LocalistConfigError
 from .. import theory
+from ..errors import LocalistConfigError
 
 KWARGS_DESCRIPTION = """
 Args:

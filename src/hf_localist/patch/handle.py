@@ -1,0 +1,145 @@
+"""``LocalistHandle``: what ``apply_localist`` returns: the dial, diagnostics, block slots, and the exact undo.
+
+The dial: ``handle.set_dial(a)`` is model-wide (every thread, saved with the model); ``with handle.dial(a):`` holds
+for the current thread / asyncio task only (context-local, like ``torch.no_grad``), so concurrent callers never see
+each other's dial; ``model(..., localist_alpha=a)`` sets the dial of one call. A call's dial is the first of these
+that is given, innermost first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..arch.registry import ArchSpec
+from ..attention.call import CallContext, scope_of, scoped
+from ..attention.recorder import DiagnosticsRecorder
+from ..attention.state import LocalistState
+from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
+from ..errors import LocalistStateError
+from .forward import PatchedMethod, check_alpha
+from .slots import activate_block, describe_blocks
+
+
+class LocalistHandle:
+    """What ``apply_localist`` returns: the dial, diagnostics, and the exact undo."""
+
+    def __init__(self, model: nn.Module, base: nn.Module, spec: ArchSpec, state: LocalistState,
+                 attention_modules: list[nn.Module], original_impl: str, previous_config_entry: Any):
+        self.model = model
+        self.base = base
+        self.spec = spec
+        self.state = state
+        self.attention_modules = attention_modules
+        self._original_impl = original_impl
+        self._previous_config_entry = previous_config_entry
+        self._active = True
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def config(self) -> LocalistConfig:
+        return self.state.config
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def _check_active(self) -> None:
+        if not self._active:
+            raise LocalistStateError("this LocalistHandle was reverted: call apply_localist again to re-patch")
+
+    def set_dial(self, alpha: float) -> None:
+        """Set the dial (validated, in [0, 1]); takes effect on the next forward, no retraining."""
+        self._check_active()
+        self.state.config.alpha = alpha
+
+    @contextlib.contextmanager
+    def dial(self, alpha: float) -> Iterator[LocalistHandle]:
+        """``with handle.dial(0.3): ...``: the dial of the calls made inside the block, in this thread / task only.
+
+        Context-local (like ``torch.no_grad``): other threads keep their dial, the model-wide dial
+        (``set_dial``, ``config.alpha``) is unchanged, and blocks nest. ``model(..., localist_alpha=a)`` overrides
+        it for one call.
+        """
+        self._check_active()
+        with scoped(self.state, alpha=check_alpha(alpha, "handle.dial: alpha")):
+            yield self
+
+    def update(self, **fields: Any) -> None:
+        """Change several config fields at once (validated together)."""
+        self._check_active()
+        self.state.config.update(**fields)
+
+    def effective_alpha(self) -> float:
+        """The dial a call from this thread / task gets now: the innermost ``dial()`` block, else ``config.alpha``."""
+        scoped_alpha = scope_of(self.state).alpha
+        return self.state.config.alpha if scoped_alpha is None else scoped_alpha
+
+    def layer_alphas(self) -> list[float]:
+        """alpha_l of every layer for :meth:`effective_alpha` (the schedule applied)."""
+        alpha = self.effective_alpha()
+        return [self.state.layer_alpha(layer, alpha) for layer in range(self.state.num_layers)]
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[DiagnosticsRecorder]:
+        """Collect H_t, PF_t and BM_t of every localised layer for the forwards inside the block."""
+        self._check_active()
+        recorder = DiagnosticsRecorder()
+        with scoped(self.state, recorder=recorder):  # this thread / task only, as dial()
+            yield recorder
+
+    @contextlib.contextmanager
+    def probe(self, fn) -> Iterator[None]:
+        """Run ``fn(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, call)`` after every
+        localised attention call inside the block (this thread / task); calibration measures margins this way."""
+        self._check_active()
+        with scoped(self.state, probes=scope_of(self.state).probes + (fn,)):
+            yield
+
+    @contextlib.contextmanager
+    def capture_layouts(self) -> Iterator[list[CallContext]]:
+        """``with handle.capture_layouts() as calls: model(...)``: ``calls[-1].block_ids`` is the (B, L) layout the
+        last call used (after centroid assignment), with ``target_ids``, ``anchors``, ``sink``, ``query_valid``."""
+        self._check_active()
+        calls: list[CallContext] = []
+        with scoped(self.state, observers=scope_of(self.state).observers + (calls,)):
+            yield calls
+
+    # ------------------------------------------------------------------ blocks
+    def blocks(self) -> list[dict]:
+        """Active blocks: slot, name, anchor, centroid, enabled, and how and when each was recruited."""
+        return describe_blocks(self)
+
+    def activate_block(self, slot: int, centroid: torch.Tensor | None = None, subspace: torch.Tensor | None = None,
+                       enabled: bool = True, info: dict | None = None) -> None:
+        """Activate a dormant slot (buffers only: no parameter changes shape). See centroid.activate_block."""
+        self._check_active()
+        activate_block(self, slot, centroid, subspace, enabled, info)
+
+    # ------------------------------------------------------------------ undo
+    def revert(self) -> nn.Module:
+        """Restore the exact original model: attention implementation, forward, save_pretrained, config."""
+        self._check_active()
+        base = self.base
+        for module in self.attention_modules:
+            for attr in ("_localist_state", "_localist_layer"):
+                if attr in module.__dict__:
+                    delattr(module, attr)
+        for attr in ("forward", "generate", "save_pretrained"):
+            patched = base.__dict__.pop(attr, None)
+            if isinstance(patched, PatchedMethod) and patched.previous is not None:
+                base.__dict__[attr] = patched.previous  # an instance-level method that was there before the patch
+        base.__dict__.pop("localist_handle", None)
+        for hook in getattr(self, "_hooks", []):
+            hook.remove()
+        base.set_attn_implementation(self._original_impl)
+        if self._previous_config_entry is None:
+            if MODEL_CONFIG_KEY in base.config.__dict__:
+                delattr(base.config, MODEL_CONFIG_KEY)
+        else:
+            setattr(base.config, MODEL_CONFIG_KEY, self._previous_config_entry[0])
+        self._active = False
+        return self.model

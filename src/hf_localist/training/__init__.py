@@ -1,0 +1,7 @@
+"""Training: group-lasso penalties, Q/K subspaces, calibration of the bound constants, the Trainer callback."""
+
+from .calibration import ConstantsReport, estimate_constants
+from .callback import LocalistCallback
+from .penalty import group_norms, penalty, prox_step
+
+__all__ = ["ConstantsReport", "LocalistCallback", "estimate_constants", "group_norms", "penalty", "prox_step"]
