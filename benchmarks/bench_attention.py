@@ -302,8 +302,8 @@ def section_ref(args) -> None:
     emit(f"### segment now vs segment at commit `{args.ref}` (same process, interleaved)")
     emit()
     emit("Same configurations as b1 (op, no grad, layout plan warm) and b2 (model forward+backward, plan rebuilt per "
-         "call); the model runs the old function by swapping `hf_localist.attention.function.segment_attention` around its "
-         "calls. Speedup = sdpa time / backend time (median of per-round ratios).")
+         "call); the model runs the old function by swapping `hf_localist.attention.function.segment_attention` "
+         "around its calls. Speedup = sdpa time / backend time (median of per-round ratios).")
     emit()
     rows = []
     current = attention_module.segment_attention

@@ -264,14 +264,17 @@ def main(argv=None) -> dict:
 
 
 def format_table(results: dict) -> str:
-    lines = ["| routing | held-out perplexity | × base | routing accuracy | mean π(true topic) | mean H_domain (nats) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| routing | held-out perplexity | × base | routing accuracy | mean π(true topic) | mean H_domain (nats) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     base = results["rows"][0]["perplexity"]
     for row in results["rows"]:
         acc = f"{row['routing_accuracy']:.1%}" if "routing_accuracy" in row else "–"
         pi = f"{row['mean_pi_true']:.3f}" if "mean_pi_true" in row else "–"
         h = f"{row['mean_H_domain']:.3f}" if "mean_H_domain" in row else "–"
-        lines.append(f"| {row['mode']} | {row['perplexity']:.1f} | {row['perplexity'] / base:.3f} | {acc} | {pi} | {h} |")
+        lines.append(f"| {row['mode']} | {row['perplexity']:.1f} | {row['perplexity'] / base:.3f} "
+                     f"| {acc} | {pi} | {h} |")
     return "\n".join(lines)
 
 

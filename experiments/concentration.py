@@ -77,7 +77,8 @@ def controlled(quick: bool, seed: int) -> dict:
     by_delta = []
     for d in deltas.tolist():
         sel = (d_tau - d).abs() < 1e-9
-        by_delta.append({"delta_over_tau": d, "pf_mean": float(pf[sel].mean()), "pf_bound_mean": float(pf_b[sel].mean()),
+        by_delta.append({"delta_over_tau": d, "pf_mean": float(pf[sel].mean()),
+                         "pf_bound_mean": float(pf_b[sel].mean()),
                          "entropy_mean": float(ent[sel].mean()), "entropy_bound_mean": float(h_b[sel].mean())})
     return {
         "n_rows": int(data.shape[0]),
@@ -388,8 +389,8 @@ def markdown(res: dict) -> str:
         "(tolerance 1e-5 for float32 attention); the library's own check (`estimate_constants(...).bounds()`) agrees.",
         "- The PF bound is exact in the worst case: when every non-anchor ties at the maximum logit and every anchor "
         f"at the minimum, the measured PF equals the bound to {c['pf_bound_gap_worst_case_max']:.0e}. So it cannot "
-        "be tightened without more information than the margin. The entropy bound is attained there too for `delta >= 0` (to "
-        f"{c['entropy_bound_gap_worst_case_max']:.0e}).",
+        "be tightened without more information than the margin. The entropy bound is attained there too for "
+        f"`delta >= 0` (to {c['entropy_bound_gap_worst_case_max']:.0e}).",
         "- Concentration is exponential: the normalised leak `(1 - PF) A/(N - A)` stays under `e^(-delta/tau)` and "
         "follows its slope where the non-anchors crowd near the max (left panels). With spread-out non-anchor "
         "logits the bound is loose by a wide margin (mean slack "
@@ -404,9 +405,10 @@ def markdown(res: dict) -> str:
         f"{d['per_alpha'][0]['entropy_mean']:.3f} to {d['per_alpha'][-1]['entropy_mean']:.3f} nats. In layer 0, "
         f"whose input the dial does not change, PF never decreases with α for any (query, head) pair (fraction "
         f"{d['pf_monotone_in_alpha_fraction']:.4f}); in the last layer, whose input the dial does change, it rises "
-        f"for {d['pf_monotone_in_alpha_fraction_last_layer']:.2f} of the pairs from one dial value to the next. At α = 1 "
-        "the block mass is 1 by construction, but PF is not 1: own-block non-anchor keys and the general block "
-        "keep an unbiased logit (only the anchor bonus `α·beta_anchor` separates them), so the margin stays finite.",
+        f"for {d['pf_monotone_in_alpha_fraction_last_layer']:.2f} of the pairs from one dial value to the next. "
+        "At α = 1 the block mass is 1 by construction, but PF is not 1: own-block non-anchor keys and the general "
+        "block keep an unbiased logit (only the anchor bonus `α·beta_anchor` separates them), so the margin stays "
+        "finite.",
         "- What this does not show: the model is untrained and its logits are random, so this checks the bounds "
         "and the measurement plumbing, not that a trained model has large margins.",
     ]

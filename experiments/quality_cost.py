@@ -1,7 +1,7 @@
 """Quality cost of locality: held-out perplexity at full locality against the distributed baseline.
 
-The follow-up papers (docs/design.md, top) report that localising attention costs 6.6x the dense perplexity with a uniform
-schedule and 1.89x with their best (progressive, late-layer) schedule. We measure the same ratio on real text.
+The follow-up papers (docs/design.md, top) report that localising attention costs 6.6x the dense perplexity with a
+uniform schedule and 1.89x with their best (progressive, late-layer) schedule. We measure the same ratio on real text.
 
 Data: Tiny Shakespeare (``/work/shared/data/tinyshakespeare/input.txt``, first 90% for training, last 10% held out),
 character level. Blocks are the *speaker turns* (the text between blank lines, ``NAME:\\n...``): each turn of a
@@ -227,8 +227,8 @@ def figures(res: dict, directory: Path) -> list[Path]:
     for i, r in enumerate(ratios):
         ax.text(r, i, f" {r:.3f}x", va="center", fontsize=7)
     ax.set_xlabel("held-out perplexity / distributed baseline")
-    ax.set_title("Cost of locality (grey: baseline, orange: dial turned up\nafter training, blue: trained at the setting)",
-                 fontsize=9)
+    ax.set_title("Cost of locality (grey: baseline, orange: dial turned up\n"
+                 "after training, blue: trained at the setting)", fontsize=9)
     ax.set_xlim(0.9, max(ratios) * 1.15)
     ax = axes[1]
     for name, color in (("uniform (trained)", "tab:blue"), ("distributed, dial 1 post-hoc", "tab:orange")):
@@ -273,7 +273,8 @@ def markdown(res: dict) -> str:
         "Per-layer dial of the schedules: uniform `[1, 1, 1, 1]`, progressive β = 3 "
         f"`{[round(a, 3) for a in res['schedules']['progressive (β=3)']]}`, late `[0, 0, 1, 1]`.",
         "",
-        "| model | evaluated at | perplexity | × baseline | BM (localised layers) | BM last | PF last | H last (nats) |",
+        "| model | evaluated at | perplexity | × baseline | BM (localised layers) | BM last | PF last "
+        "| H last (nats) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["table"]:
@@ -326,7 +327,8 @@ def reading(res: dict) -> list[str]:
             "than this CPU budget.")
     else:
         rank = sorted(tr, key=tr.get)
-        lines.append(f"- Ranking of the trained settings (cheapest first): {', '.join(f'{k} ({tr[k]:.2f}x)' for k in rank)}; "
+        lines.append("- Ranking of the trained settings (cheapest first): "
+                     f"{', '.join(f'{k} ({tr[k]:.2f}x)' for k in rank)}; "
                      "against the papers' 1.89x for their best schedule (their models and data differ).")
     pf_ok = [(name, r) for name, sweep in res["beta_sweep"].items() for r in sweep if r["pf_last"] >= 0.95]
     if pf_ok:

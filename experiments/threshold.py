@@ -168,7 +168,8 @@ def train_run(seed: int, optimizer: str, multiplier: float | None, threshold, st
             "zero_fraction": float((zq[pen].sum() + zk[pen].sum()) / (2 * pen.sum())),
             "zero_fraction_q": float(zq[pen].double().mean()), "zero_fraction_k": float(zk[pen].double().mean()),
             "off_group_norm_mean": float(torch.cat([q[pen], k[pen]]).mean()),
-            "off_grad_norm_zero_mean": float(torch.cat([gq[pen & zq], gk[pen & zk]]).mean()) if bool(zq.any()) else None,
+            "off_grad_norm_zero_mean": (float(torch.cat([gq[pen & zq], gk[pen & zk]]).mean())
+                                        if bool(zq.any()) else None),
             "off_grad_norm_nonzero_mean": (float(torch.cat([gq[pen & ~zq], gk[pen & ~zk]]).mean())
                                            if bool((pen & ~zq).any()) else None),
             "own_grad_norm_mean": float(gq[~pen].mean()),
@@ -245,8 +246,8 @@ def markdown(res: dict) -> str:
         f"{res['wall_s']:.0f} s, CPU time {res.get('cpu_s', float('nan')):.0f} s, on a 2-core CPU shared with other "
         "jobs).",
         "",
-        "**Question.** Above the predicted `lambda_threshold` (docs/design.md section 5), does the proximal group-lasso "
-        "step keep every off-block Q/K group exactly zero, and below it not?",
+        "**Question.** Above the predicted `lambda_threshold` (docs/design.md section 5), does the proximal "
+        "group-lasso step keep every off-block Q/K group exactly zero, and below it not?",
         "",
         "**Setup.** The synthetic task of `tests/test_trainer.py`: a 2-layer Llama (hidden 48, 4 heads, one K head per "
         "query head, no general heads), 3 blocks whose tokens live on coordinate groups of the residual stream "
@@ -297,8 +298,8 @@ def markdown(res: dict) -> str:
             lines.append(
                 f"| {opt.upper()} | {r['multiplier']:g} | {r['zero_fraction']:.3f} | {r['off_group_norm_mean']:.4f} | "
                 f"{r['own_group_norm_mean']:.3f} | {_fmt(r['off_grad_norm_zero_mean'], '.1e')} | "
-                f"{_fmt(r['off_grad_norm_nonzero_mean'], '.1e')} | {_fmt(r['kkt_ratio_max'])} | {r['final_loss']:.3f} | "
-                f"{r['bm0']:.3f} / {r['bm1']:.3f} | {r['pf0']:.3f} / {r['pf1']:.3f} |")
+                f"{_fmt(r['off_grad_norm_nonzero_mean'], '.1e')} | {_fmt(r['kkt_ratio_max'])} | "
+                f"{r['final_loss']:.3f} | {r['bm0']:.3f} / {r['bm1']:.3f} | {r['pf0']:.3f} / {r['pf1']:.3f} |")
     e = res["empirical"]
     lines += [
         "",
@@ -318,7 +319,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = C.make_parser(NAME, "Does group-lasso localisation switch on at the predicted lambda_threshold?", render=True)
+    parser = C.make_parser(NAME, "Does group-lasso localisation switch on at the predicted lambda_threshold?",
+                           render=True)
     args = parser.parse_args(argv)
     C.setup(args)
     import time
@@ -466,7 +468,8 @@ def reading(res: dict, below: list | None = None) -> list[str]:
     lines = []
     at1 = next((r for r in sgd if r["multiplier"] == 1.0), None)
     if t is not None and at1 is not None:
-        partial = ", ".join("%.2f at m = %g" % (r["zero_fraction"], r["multiplier"]) for r in sgd if r["multiplier"] < t)
+        partial = ", ".join("%.2f at m = %g" % (r["zero_fraction"], r["multiplier"])
+                            for r in sgd if r["multiplier"] < t)
         kkts = [r["kkt_ratio_max"] for r in sgd if r["multiplier"] >= t and r["kkt_ratio_max"] is not None]
         lines.append(
             f"- With SGD the predicted threshold is the right order of magnitude, and slightly low: at m = 1 "

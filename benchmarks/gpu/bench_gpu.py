@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args.rounds = args.rounds or (2 if args.quick else 7)
     if args.quick:
         args.heads, args.dim = 4, 32
-    emit(f"## hf_localist GPU benchmark ({device}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
+    emit(f"## hf_localist GPU benchmark ({device}, "
+         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'})")
     emit()
     emit(benchlib.environment())
     emit()

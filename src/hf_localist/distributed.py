@@ -4,9 +4,9 @@ Every function is a no-op (or the identity) without an initialised ``torch.distr
 than one process, so single-process code paths are unchanged. See docs/distributed.md for what is synchronised:
 
 - data-parallel training (DDP): the gradients are averaged by DDP; the penalty's loss term gets the right share
-  from ``num_items_in_batch`` (training/penalty.py); the proximal step is deterministic on identical weights; a recruitment
-  pass runs on every rank on the same (unsharded) data, then rank 0's decisions, localist state and, when it
-  accepted a block, its trainable weights are broadcast (recruitment/recruit.py);
+  from ``num_items_in_batch`` (training/penalty.py); the proximal step is deterministic on identical weights; a
+  recruitment pass runs on every rank on the same (unsharded) data, then rank 0's decisions, localist state and,
+  when it accepted a block, its trainable weights are broadcast (recruitment/recruit.py);
 - sharded parameters (FSDP2 ``fully_shard``, DTensor): the group norms and the proximal step read the full weight
   (an all-gather whose backward averages the gradient over the mesh, like FSDP's reduce-scatter) and write their
   shard back.

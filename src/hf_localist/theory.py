@@ -181,9 +181,9 @@ def entropy_bound(tau: Any, delta: Any, N: Any, A: Any) -> Any:
     """
     kind, ops, (tau, delta, N, A) = _prepare_bound(tau, delta, N, A)
     x = _log_odds(tau, ops.relu(delta), N, A, ops)
-    l, s = ops.sigmoid(x), ops.sigmoid(-x)  # s = 1 - l computed without cancellation
-    h_b = -(ops.xlogy(l, l) + ops.xlogy(s, s))
-    outside = ops.where(N > A, l * ops.log(ops.where(N > A, N - A, 1.0)), 0.0)
+    leak_mass, s = ops.sigmoid(x), ops.sigmoid(-x)  # s = 1 - leak_mass computed without cancellation
+    h_b = -(ops.xlogy(leak_mass, leak_mass) + ops.xlogy(s, s))
+    outside = ops.where(N > A, leak_mass * ops.log(ops.where(N > A, N - A, 1.0)), 0.0)
     return _finish(kind, h_b + s * ops.log(A) + outside)
 
 

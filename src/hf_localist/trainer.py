@@ -73,7 +73,8 @@ class LocalistTrainer(Trainer):
         # save_pretrained: write the localist state tensors (calibrated subspaces, thresholds) here too.
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            save_localist_state(localist_handle_of(self.model), output_dir if output_dir is not None else self.args.output_dir)
+            save_localist_state(localist_handle_of(self.model),
+                                output_dir if output_dir is not None else self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

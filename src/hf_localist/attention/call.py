@@ -42,7 +42,8 @@ class CallContext:
     query_valid: torch.Tensor  # (B, L) bool: not padding
     alpha: float = 1.0  # the dial of this call (see the module docstring for how it resolves)
     recorder: Any = None  # the DiagnosticsRecorder of the innermost ``handle.record()``, or None
-    probes: tuple = ()  # calibration probes: probe(layer, module, query, key, mask, layout, scaling, alpha_l, out, call)
+    # calibration probes: probe(layer, module, query, key, mask, layout, scaling, alpha_l, out, call)
+    probes: tuple = ()
     centroid_from: int | None = None  # centroid mode: first position whose block layer l0's pre-hook assigns
     # The soft-mode additive mask of the latest (alpha, shapes, base mask): equal for the layers of one call, so it is
     # built once per call instead of once per layer. One entry (a (B, 1, T, S) tensor); cleared when the call returns.

@@ -100,7 +100,8 @@ def _additive_mask_for_eager(module, state: LocalistState, query: torch.Tensor, 
         q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)
         k_pos = torch.arange(kv_len, device=query.device)
         future = k_pos[None, :] > q_pos[:, None]
-        return torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(future, min_value)[None, None]
+        return torch.zeros(future.shape, dtype=query.dtype, device=query.device).masked_fill(
+            future, min_value)[None, None]
     if attention_mask.dtype == torch.bool:
         return torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, min_value)

@@ -47,7 +47,8 @@ class DiagnosticsRecorder:
         bm = (p * in_target[:, None]).sum(dim=-1).mean(dim=1)  # (B, T)
         seen = q_valid & (z.squeeze(-1).amin(dim=1) > 0)  # a query that sees only the sink has no metric
         targeted = seen & (q_target >= 1)
-        per_call = {"entropy": torch.where(seen, ent, torch.nan), "pointer_fidelity": torch.where(targeted, pf, torch.nan),
+        per_call = {"entropy": torch.where(seen, ent, torch.nan),
+                    "pointer_fidelity": torch.where(targeted, pf, torch.nan),
                     "block_mass": torch.where(targeted, bm, torch.nan)}
         for name, value in per_call.items():
             value = value.cpu()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 
-def centroid_block_ids(x: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
+def centroid_block_ids(x: torch.Tensor, centroids: torch.Tensor, candidates: torch.Tensor,
+                       threshold: float) -> torch.Tensor:
     """(B, T, E) hidden states -> (B, T) block ids among ``candidates`` (slots), 0 below ``threshold``."""
     if candidates.numel() == 0:
         return torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)

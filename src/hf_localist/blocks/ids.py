@@ -91,7 +91,8 @@ def add_block_tokens(tokenizer: Any, model: Any = None, names: list[str] | tuple
     names = list(names)
     for n in names:
         if not isinstance(n, str) or not n or any(c in n for c in "<> \t\n"):
-            raise LocalistConfigError(f"add_block_tokens: block name {n!r} must be a non-empty string without <, >, spaces")
+            raise LocalistConfigError(
+                f"add_block_tokens: block name {n!r} must be a non-empty string without <, >, spaces")
     if len(set(names)) != len(names):
         raise LocalistConfigError(f"add_block_tokens: names {names} contain duplicates")
     all_names = list(config.block_names) + [n for n in names if n not in config.block_names]

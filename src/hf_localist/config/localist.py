@@ -245,7 +245,8 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         (the architecture must be supported). Keyword arguments override fields.
         """
         path_or_id = os.fspath(path_or_id)
-        hub_kwargs = {k: overrides.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only") if k in overrides}
+        hub_kwargs = {k: overrides.pop(k) for k in ("revision", "token", "cache_dir", "local_files_only")
+                      if k in overrides}
 
         def fetch(name: str) -> str | None:
             if os.path.isdir(path_or_id):

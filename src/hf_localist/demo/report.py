@@ -39,7 +39,8 @@ def printed_tables(results: dict[str, Any], table: str, titles: Sequence[str]) -
     out = [table]
     if results.get("recruitment"):
         rec = results["recruitment"]
-        out += [f"\nrecruitment: {rec['n_blocks']} block(s) from none ({rec['stop_reason']})", blocks_table(rec, titles)]
+        out += [f"\nrecruitment: {rec['n_blocks']} block(s) from none ({rec['stop_reason']})",
+                blocks_table(rec, titles)]
     if results.get("routing"):
         out += ["", routing_table(results["routing"])]
     return "\n".join(out)
@@ -62,8 +63,8 @@ def timeline_table(rec: dict[str, Any]) -> str:
     for t in rec["timeline"]:
         k = f"{int(t['clusters'])} ({_f(t.get('silhouette'), '.2f')})" if "clusters" in t else "–"
         lines.append(f"| {t['step']} | {t['pass']} | {t['blocks_before']} → {t['blocks_after']} | {int(t['accepted'])} "
-                     f"| {t['rejected']} | {int(t.get('confused_tokens', 0)):,} | {k} | {t['heldout_nll_before']:.4f} → "
-                     f"{t['heldout_nll_after']:.4f} | {t['pass_time_s']:.0f} |")
+                     f"| {t['rejected']} | {int(t.get('confused_tokens', 0)):,} | {k} | "
+                     f"{t['heldout_nll_before']:.4f} → {t['heldout_nll_after']:.4f} | {t['pass_time_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -88,16 +89,18 @@ def blocks_table(rec: dict[str, Any], titles: Sequence[str]) -> str:
         make_up = " / ".join(f"{c / max(b['tokens'], 1):.0%}" for c in b["topic_counts"])
         major = titles[b["majority_topic"]] if b["majority_topic"] is not None else "–"
         words = ", ".join(f"`{t['token']}`" for t in b["top_tokens"]) or "–"
-        lines.append(f"| {b['slot']} | {b['tokens']:,} ({b['share_of_tokens']:.0%}) | {major} | {_f(b['purity'], '.2f')} "
-                     f"| {make_up} | {words} |")
+        lines.append(f"| {b['slot']} | {b['tokens']:,} ({b['share_of_tokens']:.0%}) | {major} "
+                     f"| {_f(b['purity'], '.2f')} | {make_up} | {words} |")
     if not blocks:
         lines.append("| – | – | – | – | – | no block was recruited and no cluster was proposed |")
     return "\n".join(lines)
 
 
 def routing_table(route: dict[str, Any]) -> str:
-    lines = ["| routing | held-out perplexity | × base | routing accuracy | mean π(true topic) | mean H_domain (nats) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| routing | held-out perplexity | × base | routing accuracy | mean π(true topic) | mean H_domain (nats) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     base = route["rows"][0]["perplexity"]
     for row in route["rows"]:
         acc = f"{row['routing_accuracy']:.1%}" if "routing_accuracy" in row else "–"
@@ -230,7 +233,8 @@ def _recruit_section(rec: dict, titles: Sequence[str]) -> list[str]:
         "Q projection, else stays in the general block 0. At step 0 there is no block. It trains for "
         f"{s['steps']} steps of {s['batch_size']} sequences; every {s['every']} steps a recruitment pass "
         "(`hf_localist.recruitment.recruit.run_pass`, Algorithm 1) runs: confused tokens (`H_t > ln max(|A|, 1) + ε`, "
-        f"ε = {r['epsilon']}) are clustered (k-means on unit vectors, k ≤ {r['max_clusters']} by silhouette), each cluster of at least "
+        f"ε = {r['epsilon']}) are clustered (k-means on unit vectors, k ≤ {r['max_clusters']} by silhouette), "
+        "each cluster of at least "
         f"{r['min_cluster_tokens']} tokens becomes a proposed block, the model is trained with and without the "
         f"proposals for the same budget ({r['budget_steps']} steps at lr {r['budget_lr']:g}, "
         f"{r['replay_fraction']:.0%} replay) and a block is accepted iff "

@@ -468,8 +468,8 @@ def _run_demo(output_dir, quick: bool, seed: int, steps: int | None, print_table
         "attention_mass": mass,
         "recruitment": recruitment,
         "routing": routing,
-        "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__,
+        "machine": {"cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
     }
     if steps is not None:

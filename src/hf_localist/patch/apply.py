@@ -55,7 +55,8 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
             "whose modeling code uses AttentionInterface can be added with hf_localist.register_localist_arch(...)"
         )
     if isinstance(getattr(base, "localist_handle", None), LocalistHandle):
-        raise LocalistStateError("the model is already localist: use model.localist_handle (update, set_dial) or revert()")
+        raise LocalistStateError(
+            "the model is already localist: use model.localist_handle (update, set_dial) or revert()")
     spec = get_arch_spec(getattr(base.config, "model_type", None), base)
     modules = [m for m in base.modules() if spec.is_attention_module(m)]
     if not modules:
@@ -100,8 +101,8 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     previous = (base.config.__dict__[MODEL_CONFIG_KEY],) if MODEL_CONFIG_KEY in base.config.__dict__ else None
     handle = LocalistHandle(model, base, spec, state, modules, original_impl, previous)
     setattr(base.config, MODEL_CONFIG_KEY, config.to_dict())
-    # Centroid assignment reads the input of layer l0's attention (= its Q projection's input; see blocks/centroid.py) and
-    # the call's layout from the attention kwargs; one hook per layer, each active only while its layer is the
+    # Centroid assignment reads the input of layer l0's attention (= its Q projection's input; see blocks/centroid.py)
+    # and the call's layout from the attention kwargs; one hook per layer, each active only while its layer is the
     # current first_local_layer.
     handle._hooks = [m.register_forward_pre_hook(CentroidAssignHook(state, i), with_kwargs=True)
                      for i, m in enumerate(modules)]

@@ -61,7 +61,8 @@ class AutoLocalistModel:
                                                                             if k != "trust_remote_code"})
         if model_class is None:
             names = getattr(model_config, "architectures", None) or []
-            model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), AutoModelForCausalLM)
+            model_class = next((getattr(transformers, n) for n in names if hasattr(transformers, n)),
+                               AutoModelForCausalLM)
         model = model_class.from_pretrained(path_or_id, *model_args, **kwargs)
         handle = apply_localist(model, localist_config)
         if os.path.isdir(path_or_id):

@@ -118,7 +118,8 @@ def check_alpha(alpha: Any, name: str = "localist_alpha") -> float | None:
         return None
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
         alpha = float(alpha)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha <= 1:
+    if (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+            or not 0 <= alpha <= 1):
         raise LocalistConfigError(
             f"{name}={alpha!r} must be a number in [0, 1] (0 = the unmodified model, 1 = fully localist; None for "
             "the model-wide dial)"
@@ -153,7 +154,8 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
         else:
             prev = prev[:, :past_len]
             if prev.shape[0] != batch:
-                raise BlockIdsError(f"the cache holds block ids for batch {prev.shape[0]} but the input has batch {batch}")
+                raise BlockIdsError(
+                    f"the cache holds block ids for batch {prev.shape[0]} but the input has batch {batch}")
     total = past_len + new_len
 
     full = None
@@ -175,7 +177,8 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
         block_ids = None
     if block_ids is not None:
         if prev is not None and block_ids.shape[-1] < total and block_ids.shape[-1] != new_len \
-                and block_ids.shape[-1] <= past_len and torch.equal(block_ids.to(prev.device).long(), prev[:, :block_ids.shape[-1]]):
+                and block_ids.shape[-1] <= past_len \
+                and torch.equal(block_ids.to(prev.device).long(), prev[:, :block_ids.shape[-1]]):
             block_ids = None  # generate() hands the prompt's block ids again at every step: new tokens continue
         else:
             block_ids = validate_block_ids(block_ids, "block_ids", batch, (new_len, total), cfg.max_blocks).to(device)
@@ -202,7 +205,8 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
             centroid_from = k
         elif cfg.block_assignment == "segment":
             if input_ids is None:
-                raise BlockIdsError("block_assignment='segment' reads anchor tokens from input_ids: pass input_ids or block_ids")
+                raise BlockIdsError(
+                    "block_assignment='segment' reads anchor tokens from input_ids: pass input_ids or block_ids")
             new = segment_block_ids(input_ids[:, new_len - rest:], cfg.anchor_token_ids, cfg.general_token_id,
                                     start=last)
         elif k > 0:
@@ -233,7 +237,8 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
     else:
         valid = torch.ones(batch, total, dtype=torch.bool, device=device)
         sink = getattr(cache, "_localist_sink", None) if past_len else None
-        sink = sink.to(device) if sink is not None and sink.shape[0] == batch else torch.zeros(batch, dtype=torch.long, device=device)
+        sink = (sink.to(device) if sink is not None and sink.shape[0] == batch
+                else torch.zeros(batch, dtype=torch.long, device=device))
     return CallContext(block_ids=full, target_ids=target, anchors=anchor_flags(full), sink=sink, query_valid=valid,
                        alpha=_resolve_alpha(alpha, scope.alpha, cfg.alpha),
                        recorder=scope.recorder, probes=scope.probes, centroid_from=centroid_from)

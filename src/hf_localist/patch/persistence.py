@@ -68,7 +68,8 @@ def _load_tensors(handle, path: str) -> bool:
     n_layers = len(handle.attention_modules)
     n_slots = handle.config.max_blocks + 1
     for name, value in tensors.items():
-        expected, what = (n_layers, "attention layers") if name in _PER_LAYER else (n_slots, "block slots (max_blocks + 1)")
+        expected, what = ((n_layers, "attention layers") if name in _PER_LAYER
+                          else (n_slots, "block slots (max_blocks + 1)"))
         if value.dim() < 1 or value.shape[0] != expected:
             raise LocalistLoadError(
                 f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {expected} {what}"

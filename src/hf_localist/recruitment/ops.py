@@ -59,7 +59,8 @@ def split_rows(batch: dict) -> list[dict]:
     rows = []
     mask = batch.get("attention_mask")
     for i in range(batch["input_ids"].shape[0]):
-        n = int(mask[i].nonzero().max()) + 1 if mask is not None and bool(mask[i].any()) else batch["input_ids"].shape[1]
+        n = (int(mask[i].nonzero().max()) + 1 if mask is not None and bool(mask[i].any())
+             else batch["input_ids"].shape[1])
         rows.append({k: v[i, :n].detach().cpu() for k, v in batch.items()})
     return rows
 
@@ -108,8 +109,10 @@ def batches_of(data: Any, batch_size: int) -> list[dict]:
     items = list(data)
     if not items:
         return []
-    if isinstance(items[0], Mapping) and isinstance(items[0].get("input_ids"), torch.Tensor) and items[0]["input_ids"].dim() == 1:
-        rows = [{k: torch.as_tensor(v) for k, v in it.items() if k in ("input_ids", "attention_mask", "labels")} for it in items]
+    if (isinstance(items[0], Mapping) and isinstance(items[0].get("input_ids"), torch.Tensor)
+            and items[0]["input_ids"].dim() == 1):
+        rows = [{k: torch.as_tensor(v) for k, v in it.items() if k in ("input_ids", "attention_mask", "labels")}
+                for it in items]
         return [collate_rows(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     return [clean_batch(b) for b in items]
 
@@ -336,9 +339,9 @@ def snapshot_state(handle) -> dict:
     def c(t):
         return None if t is None else t.detach().clone()
 
-    return {"active_blocks": copy.copy(cfg.active_blocks), "subspace_rank": cfg.subspace_rank, "centroids": c(s.centroids),
-            "block_enabled": c(s.block_enabled), "subspaces": c(s.subspaces), "lambda_threshold": c(s.lambda_threshold),
-            "block_info": copy.deepcopy(s.block_info)}
+    return {"active_blocks": copy.copy(cfg.active_blocks), "subspace_rank": cfg.subspace_rank,
+            "centroids": c(s.centroids), "block_enabled": c(s.block_enabled), "subspaces": c(s.subspaces),
+            "lambda_threshold": c(s.lambda_threshold), "block_info": copy.deepcopy(s.block_info)}
 
 
 def restore_state(handle, snap: dict) -> None:

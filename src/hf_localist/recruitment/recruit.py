@@ -106,7 +106,8 @@ def prepare(handle) -> None:
     n_active = len(cfg.active_block_list())
     stored = state.subspaces
     if cfg.subspace_rank is None:
-        rank = int(stored.shape[-1]) if stored is not None and stored.shape[1] > 0 else max(1, hidden // (cfg.max_blocks + 1))
+        rank = (int(stored.shape[-1]) if stored is not None and stored.shape[1] > 0
+                else max(1, hidden // (cfg.max_blocks + 1)))
         cfg.update(subspace_rank=rank)
     n_layers = len(handle.attention_modules)
     if stored is None or stored.shape[1] != n_active:
@@ -186,7 +187,8 @@ def _propose(handle, rcfg: RecruitmentConfig, conf, labels: torch.Tensor, cluste
         k = count_params(hidden, rank, counted, cfg.subspace)
         rows = sorted(set(conf.seq[members].tolist()))
         p = Proposal(cluster=cluster, size=size, slot=slot, centroid=centroid, subspace=torch.stack(bases), rows=rows,
-                     k_params=k, dL_model=code_length(k, n_heldout, rcfg.code_length, rcfg.bits), lam=_lambda_for(handle))
+                     k_params=k, dL_model=code_length(k, n_heldout, rcfg.code_length, rcfg.bits),
+                     lam=_lambda_for(handle))
         out.append(p)
     return out
 
@@ -237,7 +239,8 @@ def run_pass(handle, rcfg: RecruitmentConfig, source: BatchSource, heldout: Sequ
     handle = _handle_of(handle)
     prepare(handle)
     device = next(handle.base.parameters()).device
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = ([device.index if device.index is not None else torch.cuda.current_device()]
+               if device.type == "cuda" else [])
     with torch.random.fork_rng(devices=devices):
         result = _run_pass(handle, rcfg, source, heldout, step, pass_index)
     return _agree(handle, result)
@@ -271,7 +274,8 @@ def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
     # Slots named in block_names are reserved for their anchor tokens; recruitment fills the others, lowest first.
     dormant = [s for s in range(len(cfg.block_names) + 1, cfg.max_blocks + 1) if s not in active]
     diag = source.sample(rcfg.diagnostic_batches, gen)
-    lengths = [int(b["attention_mask"].sum(dim=1).max()) if "attention_mask" in b else b["input_ids"].shape[1] for b in diag]
+    lengths = [int(b["attention_mask"].sum(dim=1).max()) if "attention_mask" in b else b["input_ids"].shape[1]
+               for b in diag]
     p_max = int(theory.p_max(max(lengths + [1]), rcfg.H_min, rcfg.theta_H))
     room = min(len(dormant), p_max - len(active))
     res.metrics.update({"p_max": float(p_max), "active_blocks": float(len(active))})
@@ -320,7 +324,8 @@ def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
     keep = False
     try:
         without = _arm(handle, snap_w, snap_s, [], budget, heldout, rcfg, arm_seed)
-        with_all = _arm(handle, snap_w, snap_s, proposals, budget, heldout, rcfg, arm_seed) if without is not None else None
+        with_all = (_arm(handle, snap_w, snap_s, proposals, budget, heldout, rcfg, arm_seed)
+                    if without is not None else None)
         if without is None or with_all is None:
             rows = [{"slot": p.slot, "cluster": p.cluster, "cluster_size": p.size, "reason": "non_finite_loss"}
                     for p in proposals]

@@ -1,4 +1,5 @@
-"""``LocalistRouterConfig``, the router's output types, and the resolution of specialist paths (docs/design.md section 7).
+"""``LocalistRouterConfig``, the router's output types, and the resolution of specialist paths
+(docs/design.md section 7).
 
 The config is a transformers ``PreTrainedConfig`` (``model_type = "localist_router"``), so a router saves as a
 ``config.json`` and loads through ``AutoConfig``. Each field carries help text and its rule in its metadata

@@ -179,7 +179,8 @@ class LocalistRouterModel(PreTrainedModel):
                 f"{cfg.hidden_size}, vocab {cfg.vocab_size})")
         paths, kinds = {}, {}
         for name, entry in cfg.specialists.items():
-            paths[name] = resolve_entry_path(root, f"specialist {name!r}", entry["path"], entry.get("source", "reference"))
+            paths[name] = resolve_entry_path(root, f"specialist {name!r}", entry["path"],
+                                             entry.get("source", "reference"))
             kinds[name] = entry["kind"]
             rs.check_specialist(name, paths[name], entry["kind"], base)
         self._pool = rs.SpecialistPool(base, paths, kinds, cfg, model_kwargs)
@@ -368,11 +369,14 @@ class LocalistRouterModel(PreTrainedModel):
                                "router (no gradient); train the router with routing='soft' or 'top_k'")
             loss = ForCausalLMLoss(logits, labels.to(logits.device), vocab_size=logits.shape[-1],
                                    num_items_in_batch=num_items_in_batch)
-        return LocalistRouterOutput(loss=loss, logits=logits, router_logits=d.router_logits, router_probs=d.router_probs,
-                                    chosen=d.chosen, routing_weights=d.log_weights.exp(), domain_entropy=d.domain_entropy)
+        return LocalistRouterOutput(loss=loss, logits=logits, router_logits=d.router_logits,
+                                    router_probs=d.router_probs, chosen=d.chosen,
+                                    routing_weights=d.log_weights.exp(), domain_entropy=d.domain_entropy)
 
     def _mix(self, d: RoutingDecision, ids, mask, pos, **kwargs) -> torch.Tensor:
-        sub = (lambda t, idx: None if t is None else t[idx])
+        def sub(t, idx):
+            return None if t is None else t[idx]
+
         used = d.chosen.unique().tolist()  # one specialist at a time: no need to hold them all in memory
         if d.mode == "hard":
             out = None
@@ -407,7 +411,8 @@ class LocalistRouterModel(PreTrainedModel):
             raise LocalistConfigError(f"generate() got unsupported argument(s) {unknown}; supported: {list(_GEN_KEYS)}")
         gcfg = getattr(self._pool.base, "generation_config", None)
         opts = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
-                "eos_token_id": getattr(gcfg, "eos_token_id", None), "pad_token_id": getattr(gcfg, "pad_token_id", None)}
+                "eos_token_id": getattr(gcfg, "eos_token_id", None),
+                "pad_token_id": getattr(gcfg, "pad_token_id", None)}
         opts.update(gen_kwargs)
         if opts["pad_token_id"] is None:
             opts["pad_token_id"] = self._pool.base.config.get_text_config().pad_token_id or 0

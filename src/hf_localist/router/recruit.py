@@ -175,7 +175,8 @@ def _fit_on_features(router, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr
     loss = torch.tensor(float("nan"))
     with torch.enable_grad():
         for _ in range(steps):
-            loss = nn.functional.cross_entropy(router.router_logits_from_features(x), y, label_smoothing=label_smoothing)
+            loss = nn.functional.cross_entropy(router.router_logits_from_features(x), y,
+                                               label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -194,7 +195,8 @@ def init_router_from_prompts(router, prompts: dict[str, Sequence[Any]], *, tempe
     the router logit of m is (z . mu_m - |mu_m|^2 / 2) / (s2 * temperature) (a nearest-prototype Gaussian
     classifier). Every specialist needs at least one prompt. An MLP router is fitted on the prompts instead."""
     if not isinstance(prompts, dict):
-        raise LocalistConfigError(f"prompts must be a dict specialist name -> list of prompts, got {type(prompts).__name__}")
+        raise LocalistConfigError(
+            f"prompts must be a dict specialist name -> list of prompts, got {type(prompts).__name__}")
     names = router.specialist_names
     _check_labels(router, list(prompts), "prompts")
     missing = [n for n in names if not prompts.get(n)]

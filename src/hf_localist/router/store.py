@@ -38,7 +38,8 @@ logger = logging.getLogger("hf_localist.router.model")
 
 def load_causal_lm(path: str, **kwargs: Any) -> nn.Module:
     """A causal LM from a local directory or Hub id; one saved after ``apply_localist`` comes back localist (its
-    dial, blocks and recruitment state), so that hard routing keeps the specialist's locality (docs/design.md section 7)."""
+    dial, blocks and recruitment state), so that hard routing keeps the specialist's locality (docs/design.md
+    section 7)."""
     if os.path.isdir(path) and has_localist_state(path):
         return AutoLocalistModel.from_pretrained(path, use_safetensors=True, **kwargs)
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)

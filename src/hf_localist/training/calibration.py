@@ -38,7 +38,8 @@ def _quantiles(x: torch.Tensor) -> dict[str, float]:
     x = x[torch.isfinite(x)].float()
     if x.numel() == 0:
         return {"min": float("nan"), "p5": float("nan"), "median": float("nan"), "n": 0}
-    return {"min": float(x.min()), "p5": float(torch.quantile(x, 0.05)), "median": float(x.median()), "n": int(x.numel())}
+    return {"min": float(x.min()), "p5": float(torch.quantile(x, 0.05)), "median": float(x.median()),
+            "n": int(x.numel())}
 
 
 @dataclass
@@ -204,7 +205,8 @@ def estimate_constants(model_or_handle, loader: Iterable, max_batches: int | Non
                     if loss is None:
                         logits = out.logits[:, :-1]
                         labels = batch["input_ids"][:, 1:]
-                        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+                        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                 labels.reshape(-1))
                     if loss.requires_grad:
                         loss.backward()
                     handle.base.zero_grad(set_to_none=True)

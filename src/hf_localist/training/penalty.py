@@ -59,7 +59,8 @@ def penalty_weights(handle) -> torch.Tensor:
                 "report = estimate_constants(model, loader) and handle.set_lambda_threshold(report.threshold())"
             )
         if tuple(thr.shape) != tuple(mask.shape):
-            raise LocalistError(f"lambda_threshold has shape {tuple(thr.shape)}, expected (L, H, n)={tuple(mask.shape)}")
+            raise LocalistError(
+                f"lambda_threshold has shape {tuple(thr.shape)}, expected (L, H, n)={tuple(mask.shape)}")
         lam = cfg.alpha_train * cfg.kappa * thr.float().cpu()
     return torch.where(mask, lam, torch.zeros_like(lam))
 
@@ -262,7 +263,8 @@ def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in
     if num_items_in_batch is not None and labels is not None:
         counted = labels[..., 1:] if labels.dim() > 1 and _loss_shifts_labels(handle.base) else labels
         n_micro = (counted != -100).sum()
-        total = num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch
+        total = (num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor)
+                 else num_items_in_batch)
         share = n_micro.to(pen.device).float() / total
     out["loss"] = out["loss"] + cfg.localist_loss_coef * pen * share
     return _with_localist_loss(out, pen.detach())

@@ -148,7 +148,8 @@ def run_batches(handle, loader: Iterable, max_batches: int | None = None, with_g
         yield batch, out, calls[-1]
 
 
-def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_batches: int | None = None) -> torch.Tensor:
+def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None,
+                        max_batches: int | None = None) -> torch.Tensor:
     """Top-``r`` principal directions of each active block's layer inputs, orthogonalised; stored on the handle.
 
     Returns (L, n_active, E, r). Raises :class:`LocalistError` when the data hold no token of an active block.
