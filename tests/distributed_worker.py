@@ -6,8 +6,9 @@
 Three runs, each from the same seed, with global batch ``PER_DEVICE_BATCH * WORLD_SIZE`` and no gradient
 accumulation: ``loss`` (group-lasso penalty as a loss term, sequences of different lengths so that every rank
 holds a different number of label tokens), ``prox`` (proximal step, a lambda large enough for exact zeros) and
-``recruit`` (block recruitment passes on the synthetic clustered language of ``test_recruitment.py``). Every rank
-writes ``OUT_DIR/<run>_rank<r>.pt``: its final parameters, localist state, active blocks and recruitment decisions.
+``recruit`` (block recruitment passes on the synthetic clustered language of ``test_recruitment.py``, built by
+``helpers.py``). Every rank writes ``OUT_DIR/<run>_rank<r>.pt``: its final parameters, localist state, active blocks
+and recruitment decisions.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+# The shared test helpers (tests/helpers.py): a script's directory is sys.path[0] already, made explicit here.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_recruitment import blind_llama, synthetic  # noqa: E402
+from helpers import PAD, blind_llama, build_model, synthetic  # noqa: E402
 
 import hf_localist as hl  # noqa: E402
 from hf_localist.recruitment.recruit import RecruitmentCallback  # noqa: E402
@@ -34,9 +36,6 @@ from hf_localist.trainer import LocalistTrainer  # noqa: E402
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
-
-PAD = 0
-
 
 def collate(rows: list[dict]) -> dict:
     """Right-pad to the longest row: attention_mask 0, labels -100, block_ids 0 on padding."""
@@ -66,14 +65,6 @@ def penalty_data(n: int = 32, seed: int = 0) -> list[dict]:
     return rows
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1,
-                      eos_token_id=2, initializer_range=0.2, attention_dropout=0.0)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg)
-
-
 def args_for(out: str, batch: int, **kw) -> TrainingArguments:
     base = dict(output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=8,
                 gradient_accumulation_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=2,
@@ -100,7 +91,7 @@ def snapshot(handle, model, extra: dict | None = None) -> dict:
 
 def run_penalty(mode: str, out: str, batch: int, accumulation: int = 1) -> dict:
     """``accumulation > 1``: micro-batches of ``batch // accumulation`` (the same global batch per optimizer step)."""
-    model = tiny_llama()
+    model = build_model("llama").train()  # the tiny GQA Llama of tests/helpers.py
     lam = 0.05 if mode == "loss" else 50.0  # prox: large enough for exact zeros within the first steps
     handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit", max_blocks=3,
                                                         penalty=mode, penalty_lambda=lam, localist_loss_coef=1.0,

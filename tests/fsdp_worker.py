@@ -23,8 +23,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+# The shared test helpers (tests/helpers.py): a script's directory is sys.path[0] already, made explicit here.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import build_model  # noqa: E402
 
 import hf_localist as hl  # noqa: E402
 from hf_localist.training.penalty import group_norms, kkt_ratios, penalty, prox_step  # noqa: E402
@@ -34,18 +38,9 @@ hf_logging.set_verbosity_error()
 
 
 def build(kind: str, device: str):
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                          initializer_range=0.2, attention_dropout=0.0)
-        model = LlamaForCausalLM(cfg)
-        layers = model.model.layers
-    else:
-        cfg = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=64, resid_pdrop=0.0,
-                         embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2)
-        model = GPT2LMHeadModel(cfg)
-        layers = model.transformer.h
+    """The tiny Llama (GQA) or GPT-2 of tests/helpers.py, seed 0."""
+    model = build_model(kind, seed=0)
+    layers = model.model.layers if kind == "llama" else model.transformer.h
     model.to(device).train()
     handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit", max_blocks=3,
                                                         penalty="loss", penalty_lambda=0.5, localist_loss_coef=1.0,

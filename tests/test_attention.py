@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     LAYERS,
     PAD,
     assert_close_scaled,
@@ -127,7 +127,8 @@ def test_progressive_schedule_layers_below_l0_pass_through(arch):
 @pytest.mark.parametrize("backend", ["dense", "segment", "auto"])
 @pytest.mark.parametrize("case", ["plain", "padded_anchor_bonus"])
 def test_hard_mode_matches_reference_block_mask(arch, backend, case):
-    """alpha = 1 equals the unpatched sdpa model given the block mask of docs/design.md section 3 as a 4-D float mask."""
+    """alpha = 1 equals the unpatched sdpa model given the block mask of docs/design.md section 3 as a 4-D float
+    mask."""
     padded = case != "plain"
     beta = 0.7 if padded else 0.0
     model = build_model(arch)
@@ -311,7 +312,8 @@ def test_output_attentions_rows_sum_to_one(arch, alpha):
 def _hand_metrics(weights, blocks, target, valid):
     """H_t, PF_t, BM_t computed with Python loops from the attention weights (B, H, T, S)."""
     b_, h_, t_, s_ = weights.shape
-    res = {m: torch.full((b_, t_), math.nan, dtype=torch.float64) for m in ("entropy", "pointer_fidelity", "block_mass")}
+    res = {m: torch.full((b_, t_), math.nan, dtype=torch.float64)
+           for m in ("entropy", "pointer_fidelity", "block_mass")}
     for r in range(b_):
         sink = int(valid[r].long().argmax())
         ids = blocks[r].tolist()

@@ -1,4 +1,5 @@
-"""Tests for hf_localist.training.calibration: ``estimate_constants`` measures the constants of docs/design.md section 5.
+"""Tests for hf_localist.training.calibration: ``estimate_constants`` measures the constants of docs/design.md
+section 5.
 
 The bound functions themselves are proven in test_theory.py; here the plumbing is checked: shapes, values that
 can be recomputed independently (tau, delta from the attention weights, R_x, sigma_X, |X_i|, rho_max), the
@@ -12,9 +13,8 @@ import math
 
 import pytest
 import torch
-from conftest import HIDDEN, build_model, random_block_ids, random_ids
+from helpers import HIDDEN, build_model, localist_model, random_block_ids, random_ids
 
-import hf_localist as hl
 from hf_localist.arch.qk import projection_module
 from hf_localist.errors import LocalistError
 from hf_localist.training.calibration import ConstantsReport, estimate_constants
@@ -36,9 +36,7 @@ def _batches(n=3, batch=2, seq=16, seed=0):
 
 
 def _handle(model_type="llama", alpha=0.5, **kw):
-    model = build_model(model_type)
-    cfg = hl.LocalistConfig(alpha=alpha, block_assignment="explicit", max_blocks=3, **kw)
-    return model, hl.apply_localist(model, cfg)
+    return localist_model(model_type, alpha=alpha, max_blocks=3, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,7 @@ import json
 import os
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import build_model, word_tokenizer
 
 import hf_localist as hl
 from hf_localist import cli
@@ -17,23 +15,12 @@ WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "home", 
 TEXT = "the cat sat on the mat\n\nthe dog ran far away\n\nred blue home\n"
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
-                                   eos_token="[EOS]")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_llama")
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    # generation keeps the config's eos (id 2, "[EOS]" of the tokenizer)
+    build_model("llama", seed=0, vocab_size=32, fixed_length=False).save_pretrained(path)
+    word_tokenizer(WORDS, specials=("[PAD]", "[BOS]", "[EOS]", "[UNK]")).save_pretrained(path)
     return str(path)
 
 

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import ARCHS, LAYERS, build_model, tiny_config
+from helpers import ARCHS, LAYERS, build_model, tiny_config
 from transformers import HfArgumentParser
 
 import hf_localist as hl
@@ -71,7 +71,7 @@ def test_uniform_and_progressive_schedules():
     cfg = hl.LocalistConfig(alpha=0.8, first_local_layer=1, num_layers=4)
     assert cfg.layer_alphas() == [0.0, 0.8, 0.8, 0.8]
     cfg.update(schedule="progressive", schedule_power=3)
-    expected = [0.0] + [0.8 * ((l - 1 + 1) / (4 - 1)) ** 3 for l in (1, 2, 3)]
+    expected = [0.0] + [0.8 * ((layer - 1 + 1) / (4 - 1)) ** 3 for layer in (1, 2, 3)]
     assert cfg.layer_alphas() == pytest.approx(expected)
     assert cfg.layer_alphas()[-1] == pytest.approx(0.8)  # s(L - 1) = 1
     cfg.update(schedule_power=1, first_local_layer=0)

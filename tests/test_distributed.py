@@ -179,7 +179,7 @@ def test_loss_output_survives_pytree_round_trip_as_ddp_does():
     """DDP (find_unused_parameters=True, the Trainer's default) rebuilds the output with pytree unflatten, i.e.
     ``type(out)(**out)``: the ``localist_loss`` entry must be a declared field of the output class."""
     import torch.utils._pytree as pytree
-    from conftest import build_model, random_block_ids, random_ids
+    from helpers import build_model, random_block_ids, random_ids
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     import hf_localist as hl

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import DECODER_ARCHS, LAYERS, build_model, random_block_ids, random_ids
+from helpers import DECODER_ARCHS, LAYERS, build_model, localist_model, random_block_ids, random_ids
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import hf_localist as hl
@@ -16,11 +16,6 @@ from hf_localist.arch.registry import _REGISTRY
 from hf_localist.config.localist import LOCALIST_CONFIG_NAME
 
 T = 10
-
-
-def _explicit(model_type="llama", **kw):
-    model = build_model(model_type)
-    return model, hl.apply_localist(model, hl.LocalistConfig(block_assignment="explicit", **kw))
 
 
 def test_error_hierarchy():
@@ -44,7 +39,7 @@ def test_error_hierarchy():
     ([[0] * T] * 2, r"got list"),
 ])
 def test_bad_block_ids(bad, pattern):
-    model, _ = _explicit()
+    model, _ = localist_model()
     with pytest.raises(hl.BlockIdsError, match=pattern):
         model(input_ids=random_ids(2, T), block_ids=bad)
     with pytest.raises(hl.BlockIdsError, match=pattern.replace("block id", "block id")):
@@ -53,7 +48,7 @@ def test_bad_block_ids(bad, pattern):
 
 
 def test_block_ids_range_follows_max_blocks():
-    model, handle = _explicit(max_blocks=3)
+    model, handle = localist_model(max_blocks=3)
     ids = random_ids(2, T)
     model(input_ids=ids, block_ids=torch.full((2, T), 3))  # 3 = max_blocks is a valid slot
     with pytest.raises(hl.BlockIdsError, match=r"block id 4.*max_blocks=3"):
@@ -61,7 +56,7 @@ def test_block_ids_range_follows_max_blocks():
 
 
 def test_explicit_assignment_without_block_ids():
-    model, _ = _explicit()
+    model, _ = localist_model()
     with pytest.raises(hl.BlockIdsError, match="block_ids"):
         model(input_ids=random_ids(2, T))
 
@@ -94,7 +89,7 @@ def test_alpha_outside_unit_interval(value):
     with pytest.raises(hl.LocalistConfigError, match=rf"alpha={shown}"):
         cfg.alpha = value
     assert cfg.alpha == 0.5
-    model, handle = _explicit(alpha=0.5)
+    model, handle = localist_model(alpha=0.5)
     with pytest.raises(hl.LocalistConfigError, match=rf"alpha={shown}"):
         handle.set_dial(value)
     with pytest.raises(hl.LocalistConfigError, match=rf"alpha={shown}"):
@@ -154,7 +149,7 @@ def test_config_for_another_architecture():
 # ------------------------------------------------------------------------------------------------ backends
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_with_grad_on_cpu():
-    model, handle = _explicit(alpha=1.0, backend="flex", flex_compile=False)
+    model, handle = localist_model(alpha=1.0, backend="flex", flex_compile=False)
     ids, blocks = random_ids(2, T), random_block_ids(2, T)
     with pytest.raises(hl.BackendError, match=r"backend='flex'.*gradients on CPU.*segment"):
         model(input_ids=ids, block_ids=blocks)
@@ -269,7 +264,7 @@ def test_auto_localist_model_with_a_corrupt_localist_config(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ state
 def test_applying_twice():
-    model, handle = _explicit()
+    model, handle = localist_model()
     with pytest.raises(hl.LocalistStateError, match="already localist"):
         hl.apply_localist(model)
     handle.revert()
@@ -285,7 +280,7 @@ def test_attention_key_on_an_unpatched_model(model_type):
 
 
 def test_calling_an_inner_module_directly():
-    model, handle = _explicit(alpha=0.5)
+    model, handle = localist_model(alpha=0.5)
     model(input_ids=random_ids(1, T), block_ids=torch.zeros(1, T, dtype=torch.long))
     with pytest.raises(hl.LocalistStateError, match="patched model itself"):
         model.model(input_ids=random_ids(2, T))  # batch 2: the layout of the last call does not fit

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 @pytest.mark.slow
 def test_train_localist_example_runs(tmp_path):
-    example = _load("train_localist")
+    example = load_script("examples/train_localist.py", "train_localist")
     results = example.main([
         "--output_dir", str(tmp_path), "--steps", "4", "--batch_size", "4", "--hidden_size", "32",
         "--num_layers", "2", "--train_articles", "120", "--dial_values", "0,1", "--penalty_lambda", "0.5",

@@ -7,24 +7,18 @@ is a valid PNG.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+from helpers import PNG_MAGIC, ROOT, load_script
 
 
 def _run(name: str, tmp_path: Path) -> tuple[dict, Path]:
-    spec = importlib.util.spec_from_file_location(f"_experiment_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
+    module = load_script(f"experiments/{name}.py", f"_experiment_{name}")
     out = tmp_path / name
-    docs_page = EXPERIMENTS.parent / "docs" / "experiments.md"
+    docs_page = Path(ROOT) / "docs" / "experiments.md"
     before = docs_page.read_bytes() if docs_page.exists() else None
     module.main(["--quick", "--out_dir", str(out), "--threads", "1"])
     after = docs_page.read_bytes() if docs_page.exists() else None
@@ -41,7 +35,7 @@ def _check_png(path: Path) -> None:
     from PIL import Image
 
     assert path.exists(), path
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert path.read_bytes()[:8] == PNG_MAGIC, path
     with Image.open(path) as img:
         img.verify()
     with Image.open(path) as img:

@@ -5,24 +5,15 @@ Each runs in a temporary ``--out_dir`` without ``--write_docs`` (docs/experiment
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from helpers import PNG_MAGIC, load_script
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"experiments/{name}.py", f"experiment_{name}")
 
 
 def _check_outputs(out, results: dict) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAD, build_model, left_pad_mask, random_block_ids, random_ids
+from helpers import PAD, build_model, left_pad_mask, localist_model, random_block_ids, random_ids
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import hf_localist as hl
@@ -18,12 +18,6 @@ from hf_localist.blocks.ids import segment_block_ids
 P, NEW = 8, 8  # prompt length, new tokens
 DIALS = [0.7, 1.0]
 ANCHORS, GENERAL = [90, 91, 92], 93
-
-
-def _explicit(model_type: str, alpha: float, **kw):
-    model = build_model(model_type)
-    handle = hl.apply_localist(model, hl.LocalistConfig(alpha=alpha, block_assignment="explicit", **kw))
-    return model, handle
 
 
 def _segment(model_type: str, alpha: float):
@@ -60,7 +54,7 @@ def _manual_greedy(model, ids, blocks=None, steps=NEW):
 # ------------------------------------------------------------------------------------------------ greedy
 @pytest.mark.parametrize("alpha", DIALS)
 def test_greedy_with_cache_equals_full_recompute(decoder_arch, alpha):
-    model, handle = _explicit(decoder_arch, alpha)
+    model, handle = localist_model(decoder_arch, alpha=alpha)
     ids, blocks = _prompt()
     cached = _gen(model, ids, block_ids=blocks, use_cache=True)
     assert cached.shape == (2, P + NEW)
@@ -86,7 +80,7 @@ def test_alpha0_generation_equals_the_unpatched_model(decoder_arch, impl):
 
 @pytest.mark.parametrize("alpha", DIALS)
 def test_sampling_with_cache_equals_manual_loop(alpha):
-    model, _ = _explicit("llama", alpha)
+    model, _ = localist_model("llama", alpha=alpha)
     ids, blocks = _prompt()
     torch.manual_seed(123)
     cached = _gen(model, ids, block_ids=blocks, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
@@ -108,7 +102,7 @@ def test_sampling_with_cache_equals_manual_loop(alpha):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen3", "phi3"])
 @pytest.mark.parametrize("alpha", DIALS)
 def test_beam_search_with_cache_equals_without(model_type, alpha):
-    model, _ = _explicit(model_type, alpha)
+    model, _ = localist_model(model_type, alpha=alpha)
     ids, blocks = _prompt(seed=1)
     cached = _gen(model, ids, block_ids=blocks, num_beams=3, num_return_sequences=2, use_cache=True)
     uncached = _gen(model, ids, block_ids=blocks, num_beams=3, num_return_sequences=2, use_cache=False)
@@ -198,7 +192,7 @@ def _manual_greedy_segment(model, ids, force):
 
 # ------------------------------------------------------------------------------------------------ cache bookkeeping
 def test_cached_block_ids_are_kept_and_extended():
-    model, handle = _explicit("llama", 0.8)
+    model, handle = localist_model("llama", alpha=0.8)
     ids, blocks = _prompt()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -219,7 +213,7 @@ def test_cached_block_ids_are_kept_and_extended():
 
 
 def test_cache_reorder_and_crop_keep_block_ids_in_step():
-    model, _ = _explicit("llama", 1.0)
+    model, _ = localist_model("llama", alpha=1.0)
     ids, blocks = _prompt()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -245,7 +239,7 @@ def test_cache_reorder_and_crop_keep_block_ids_in_step():
 @pytest.mark.parametrize("assignment", ["explicit", "segment"])
 def test_left_padded_batch_equals_per_example(model_type, alpha, assignment):
     if assignment == "explicit":
-        model, _ = _explicit(model_type, alpha)
+        model, _ = localist_model(model_type, alpha=alpha)
     else:
         model, _ = _segment(model_type, alpha)
     lengths = [P, 5, 6]

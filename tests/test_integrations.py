@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ARCHS,
     assert_close_scaled,
     build_model,

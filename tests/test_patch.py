@@ -6,9 +6,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import LAYERS, build_model, main_output, random_block_ids, random_ids
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from helpers import LAYERS, build_model, main_output, random_block_ids, random_ids, word_tokenizer
 
 import hf_localist as hl
 from hf_localist.blocks.ids import anchor_flags, segment_block_ids
@@ -183,17 +181,9 @@ def test_segment_block_ids_rules():
         [False, True, False, True, True, False, False, True]]
 
 
-def _word_tokenizer(n_words: int = 30) -> PreTrainedTokenizerFast:
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2}
-    vocab.update({f"w{i}": i + 3 for i in range(n_words)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]")
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert"])
 def test_add_block_tokens_and_segment_assignment(model_type):
-    tokenizer = _word_tokenizer()
+    tokenizer = word_tokenizer([f"w{i}" for i in range(30)])  # [PAD] 0, [UNK] 1, [BOS] 2, w0.. from 3
     base_vocab = len(tokenizer)
     model = build_model(model_type, vocab_size=base_vocab)
     old_embeddings = model.get_input_embeddings().weight.detach().clone()
@@ -232,7 +222,7 @@ def test_add_block_tokens_and_segment_assignment(model_type):
 
 
 def test_add_block_tokens_keeps_existing_ids():
-    tokenizer = _word_tokenizer()
+    tokenizer = word_tokenizer([f"w{i}" for i in range(30)])  # [PAD] 0, [UNK] 1, [BOS] 2, w0.. from 3
     model = build_model("llama", vocab_size=len(tokenizer))
     cfg = hl.add_block_tokens(tokenizer, model, ["a", "b"])
     ids_ab = list(cfg.anchor_token_ids)

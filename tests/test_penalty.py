@@ -12,14 +12,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HIDDEN, build_model, random_block_ids, random_ids
+from helpers import HIDDEN, build_model, random_block_ids, random_ids
 
 import hf_localist as hl
 from hf_localist.errors import LocalistConfigError, LocalistError, UnsupportedArchitectureError
 from hf_localist.training.penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
 from hf_localist.training.subspaces import calibrate_subspaces, head_blocks, layer_subspaces
 
-# Tiny Llama from conftest: hidden 32, 2 layers, 4 query heads, 2 K/V heads (D = 8). With 3 active blocks and
+# Tiny Llama from helpers: hidden 32, 2 layers, 4 query heads, 2 K/V heads (D = 8). With 3 active blocks and
 # general_head_fraction 0.25, the 2 K groups are fewer than the blocks, so heads take blocks one by one:
 # b = [1, 2, 3, 0] (head 3 general). Coordinate rank 32 // 4 = 8: block j owns coordinates 8j..8j+7.
 HEAD_BLOCKS = [1, 2, 3, 0]
@@ -52,7 +52,8 @@ def raw_qk(model, model_type: str, layer: int):
         e, h = cfg.n_embd, cfg.n_head
         d, h_kv = e // h, h
         w = model.transformer.h[layer].attn.c_attn.weight  # (E, 3E), columns [Q | K | V]
-        return ([w[:, i * d:(i + 1) * d].T for i in range(h)], [w[:, e + i * d: e + (i + 1) * d].T for i in range(h_kv)])
+        return ([w[:, i * d:(i + 1) * d].T for i in range(h)],
+                [w[:, e + i * d: e + (i + 1) * d].T for i in range(h_kv)])
     h, h_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     d = cfg.hidden_size // h
     attn = model.model.layers[layer].self_attn
@@ -176,7 +177,8 @@ def test_prox_step_coordinate_subspaces_exact():
 def test_prox_step_k_groups_carry_summed_lambdas_and_spare_their_readers_blocks():
     model, handle = _llama(penalty_lambda=0.5)
     w_k0 = model.model.layers[0].self_attn.k_proj.weight[0:8].detach().clone()  # K head 0: read by heads 0 and 1
-    w_k1 = model.model.layers[0].self_attn.k_proj.weight[8:16].detach().clone()  # K head 1: heads 2 (block 3), 3 (general)
+    # K head 1: read by heads 2 (block 3) and 3 (general)
+    w_k1 = model.model.layers[0].self_attn.k_proj.weight[8:16].detach().clone()
     lr = 0.1
     prox_step(handle, lr)
     new0 = model.model.layers[0].self_attn.k_proj.weight[0:8]
@@ -236,7 +238,8 @@ def test_kkt_ratios_on_zero_groups():
         for h in range(4):
             for j in range(3):
                 if stats.zero_q[layer, h, j]:
-                    expected.append(torch.linalg.norm(gq[h * 8:(h + 1) * 8, 8 * (j + 1): 8 * (j + 2)]) / lam[layer, h, j])
+                    group = gq[h * 8:(h + 1) * 8, 8 * (j + 1): 8 * (j + 2)]
+                    expected.append(torch.linalg.norm(group) / lam[layer, h, j])
         for kv in range(2):
             for j in range(3):
                 if stats.zero_k[layer, kv, j]:

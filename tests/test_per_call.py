@@ -16,10 +16,11 @@ import threading
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     ARCHS,
     DECODER_ARCHS,
     LAYERS,
+    apply_explicit,
     assert_close_scaled,
     build_model,
     main_output,
@@ -32,14 +33,10 @@ import hf_localist as hl
 T = 12
 
 
-def _explicit(model, alpha=0.5, **kw):
-    return hl.apply_localist(model, hl.LocalistConfig(alpha=alpha, block_assignment="explicit", **kw))
-
-
 # ------------------------------------------------------------------------------------------------ threads
 def test_four_threads_with_different_block_ids_and_dials_give_no_wrong_output():
     model = build_model("llama")
-    handle = _explicit(model, alpha=0.5)
+    handle = apply_explicit(model, alpha=0.5)
     ids = random_ids(2, T, seed=3)
     layouts = [random_block_ids(2, T, seed=s) for s in range(4)]
     dials = [0.0, 0.3, 0.8, 1.0]
@@ -78,7 +75,7 @@ def test_four_threads_with_different_block_ids_and_dials_give_no_wrong_output():
 
 def test_dial_blocks_in_two_threads_do_not_leak_and_restore_nothing_global():
     model = build_model("llama")
-    handle = _explicit(model, alpha=0.5)
+    handle = apply_explicit(model, alpha=0.5)
     inside = threading.Barrier(2)
     seen = {}
 
@@ -99,7 +96,7 @@ def test_dial_blocks_in_two_threads_do_not_leak_and_restore_nothing_global():
 
 def test_record_in_one_thread_does_not_collect_another_threads_calls():
     model = build_model("llama")
-    handle = _explicit(model, alpha=0.5)
+    handle = apply_explicit(model, alpha=0.5)
     ids, blocks = random_ids(1, T), random_block_ids(1, T)
     started, done = threading.Event(), threading.Event()
 
@@ -123,7 +120,7 @@ def test_record_in_one_thread_does_not_collect_another_threads_calls():
 
 def test_bad_per_call_dial_is_a_clear_error():
     model = build_model("llama")
-    _explicit(model)
+    apply_explicit(model, alpha=0.5)
     ids, blocks = random_ids(1, T), random_block_ids(1, T)
     with pytest.raises(hl.LocalistConfigError, match="localist_alpha=1.5"):
         model(input_ids=ids, block_ids=blocks, localist_alpha=1.5)
@@ -136,7 +133,7 @@ def test_bad_per_call_dial_is_a_clear_error():
 
 def test_generate_takes_the_per_call_dial():
     model = build_model("llama")
-    handle = _explicit(model, alpha=0.0)
+    handle = apply_explicit(model, alpha=0.0)
     ids, blocks = random_ids(1, 6, seed=5), random_block_ids(1, 6, seed=5)
     kw = dict(max_new_tokens=4, do_sample=False, block_ids=blocks)
     with torch.no_grad():
@@ -167,7 +164,7 @@ def _checked_inputs(model_type):
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_deepcopy_runs_its_own_weights_and_handle(model_type):
     model = build_model(model_type)
-    handle = _explicit(model, alpha=0.7)
+    handle = apply_explicit(model, alpha=0.7)
     ids, blocks = _checked_inputs(model_type)
     with torch.no_grad():
         before = main_output(model(input_ids=ids, block_ids=blocks))
@@ -190,7 +187,7 @@ def test_deepcopy_runs_its_own_weights_and_handle(model_type):
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_torch_save_and_load_of_a_patched_model(model_type):
     model = build_model(model_type)
-    _explicit(model, alpha=0.7)
+    apply_explicit(model, alpha=0.7)
     ids, blocks = _checked_inputs(model_type)
     with torch.no_grad():
         expected = main_output(model(input_ids=ids, block_ids=blocks))
@@ -210,7 +207,7 @@ def test_torch_save_and_load_of_a_patched_model(model_type):
 def test_torch_load_in_a_fresh_process(tmp_path):
     """A new interpreter has no "localist" attention key until the pickled state registers it."""
     model = build_model("llama")
-    _explicit(model, alpha=0.7)
+    apply_explicit(model, alpha=0.7)
     ids, blocks = _checked_inputs("llama")
     with torch.no_grad():
         expected = main_output(model(input_ids=ids, block_ids=blocks))
@@ -233,7 +230,7 @@ def test_torch_load_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_calling_the_backbone_alone_raises(model_type, alpha):
     model = build_model(model_type)
-    _explicit(model, alpha=alpha)
+    apply_explicit(model, alpha=alpha)
     ids, blocks = _checked_inputs(model_type)
     with torch.no_grad():
         model(input_ids=ids, block_ids=blocks)  # a previous call leaves nothing behind

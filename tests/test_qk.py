@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, build_model, random_ids
+from helpers import ARCHS, build_model, random_ids
 
 import hf_localist as hl
 from hf_localist.arch.qk import head_counts, kv_head_of, projection_module, qk_head_weights

@@ -10,7 +10,8 @@ The model: a tiny Llama (hidden 32, 2 layers, 4 heads) whose attention is conten
 every query attends uniformly), with frozen, tied embeddings ``e_c + 0.5 f_j`` (a cluster direction plus an index
 direction shared by all clusters). Uniform attention over all tokens mixes the clusters' favourites in the shared
 index directions; only a block (alpha = 1 at layer 1, first_local_layer = 1) can restrict a query to its cluster.
-Hidden states at the input of layer 1 separate by cluster (the cluster direction dominates).
+Hidden states at the input of layer 1 separate by cluster (the cluster direction dominates). Both live in
+helpers.py (``synthetic``, ``blind_llama``): distributed_worker.py trains on them too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import build_model, random_ids
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from helpers import blind_llama, build_model, random_ids, synthetic
+from transformers import TrainingArguments
 
 import hf_localist as hl
 from hf_localist.attention.recorder import DiagnosticsRecorder
@@ -32,49 +32,8 @@ from hf_localist.recruitment.ops import code_length, count_params
 from hf_localist.recruitment.recruit import LOG_FILE, RecruitmentCallback, prepare, recruit
 from hf_localist.trainer import LocalistTrainer
 
-BOS, V, T = 1, 16, 64
-
 
 # ---------------------------------------------------------------------------------- the synthetic task
-def synthetic(n: int, k: int, seed: int, q: float = 0.2, p_fav: float = 0.9, clusters: list[int] | None = None):
-    """(ids (n, T), true cluster of every position (-1 for BOS)). ``clusters`` restricts the clusters used."""
-    g = torch.Generator().manual_seed(seed)
-    fav = torch.randint(0, V, (n, k), generator=g)
-    new = torch.rand(n, T, generator=g) < q
-    new[:, :2] = True
-    seg = new.long().cumsum(1)
-    pool = torch.tensor(clusters if clusters is not None else list(range(k)))
-    clus = pool[torch.randint(0, len(pool), (n, T + 1), generator=g)].gather(1, seg)
-    use_fav = (torch.rand(n, T, generator=g) < p_fav) & ~new
-    j = torch.where(use_fav, fav.gather(1, clus), torch.randint(0, V, (n, T), generator=g))
-    ids = 3 + clus * V + j
-    ids[:, 0], clus[:, 0] = BOS, -1
-    return ids, clus
-
-
-def blind_llama(k: int, seed: int = 0) -> LlamaForCausalLM:
-    hidden = 32
-    cfg = LlamaConfig(vocab_size=3 + k * V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
-                      pad_token_id=0, bos_token_id=BOS, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    e = F.normalize(torch.randn(k, hidden, generator=g), dim=-1)
-    f = F.normalize(torch.randn(V, hidden, generator=g), dim=-1)
-    frozen = [model.model.embed_tokens.weight]
-    with torch.no_grad():
-        model.model.embed_tokens.weight[3:] = (e[:, None] + 0.5 * f[None]
-                                               + 0.05 * torch.randn(k, V, hidden, generator=g)).reshape(k * V, hidden)
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                proj.weight.zero_()
-                frozen.append(proj.weight)
-    for p in frozen:
-        p.requires_grad_(False)
-    return model
-
-
 def localist(model, rcfg=None, **kw):
     cfg = dict(alpha=1.0, first_local_layer=1, max_blocks=8, block_assignment="centroid", assign_threshold=0.3,
                active_blocks=[], recruitment=rcfg)
@@ -204,9 +163,11 @@ def test_trainer_recruits_the_true_clusters(tmp_path):
     assert logged[0]["localist/recruit_accepted"] == len(blocks) and logged[1]["localist/recruit_done"] == 1.0
     n_tokens = held[:, 1:].numel()
     print(f"\nRECRUITMENT (Trainer, K={k}): blocks={len(blocks)} p_max={p_max} "
-          f"purity={[round(pur[s], 3) for s in sorted(pur)]} held-out NLL/token: no recruitment {baseline / n_tokens:.4f}"
+          f"purity={[round(pur[s], 3) for s in sorted(pur)]} held-out NLL/token: "
+          f"no recruitment {baseline / n_tokens:.4f}"
           f", recruited {with_blocks / n_tokens:.4f}, same weights blocks disabled {without_blocks / n_tokens:.4f} "
-          f"({n_tokens} tokens); pass 1 equal budgets: without {logged[0]['localist/recruit_nll_without'] / n_tokens:.4f}"
+          f"({n_tokens} tokens); pass 1 equal budgets: "
+          f"without {logged[0]['localist/recruit_nll_without'] / n_tokens:.4f}"
           f", with {logged[0]['localist/recruit_nll_with'] / n_tokens:.4f}; decisions " + "; ".join(
               f"step {d['step']} slot {d['slot']} n={d['cluster_size']} dL_data={d['dL_data']:.0f} "
               f"dL_model={d['dL_model']:.0f} -> {d['reason']}" for d in log))
@@ -242,7 +203,8 @@ def test_recruit_standalone_finds_k_clusters(k):
     print(f"\nRECRUITMENT (recruit(), K={k}): blocks={n} p_max={decisions[0]['p_max']} "
           f"purity={[round(pur[s], 3) for s in sorted(pur)]} held-out NLL/token {before / held[:, 1:].numel():.4f} -> "
           f"{after / held[:, 1:].numel():.4f}; passes={decisions[-1]['pass'] + 1}")
-    assert decisions[-1]["pass"] >= 1 and not any(d["accepted"] for d in decisions if d["pass"] == decisions[-1]["pass"])
+    last = decisions[-1]["pass"]
+    assert last >= 1 and not any(d["accepted"] for d in decisions if d["pass"] == last)
 
 
 # ---------------------------------------------------------------------------------- thresholds and termination
@@ -304,8 +266,8 @@ def test_code_length_counts():
 
 def test_pca_subspaces_are_orthonormal_and_orthogonal(trained4):
     model, handle = fresh(trained4, subspace="pca")
-    recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30), heldout=batches(trained4["held"], 32),
-            max_passes=1)
+    recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30),
+            heldout=batches(trained4["held"], 32), max_passes=1)
     active = handle.config.active_block_list()
     assert len(active) >= 2
     u = handle.state.subspaces  # (L, n, E, r)

@@ -7,23 +7,21 @@ to rounding.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import os
 import random
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import domain, load_script, random_ids, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    LlamaConfig,
     LlamaForCausalLM,
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -34,22 +32,9 @@ from transformers import (
 from hf_localist import LocalistConfigError, LocalistLoadError, LocalistRouterConfig, LocalistRouterModel
 from hf_localist.utils import pad_right
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("alpha", "beta", "gamma")
 # peft 0.21 calls a transformers helper that 5.23 renamed.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-def tiny_llama(seed: int, dtype=torch.float64, **overrides) -> LlamaForCausalLM:
-    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None,
-              initializer_range=0.2)
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw)).to(dtype).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def save_lora(base_dir, path, seed, targets):
@@ -83,10 +68,6 @@ def make_router(zoo, routing="hard", seed=5, names=NAMES, **kw) -> LocalistRoute
     return router
 
 
-def ids(batch=6, seq=10, seed=0):
-    return torch.randint(3, 100, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
 def alone_logits(zoo, name, x, **kw):
     with torch.no_grad():
         return zoo.alone[name](input_ids=x, **kw).logits
@@ -99,7 +80,7 @@ def close(a, b, tol=1e-9):
 # ---------------------------------------------------------------------------------------------- routing modes
 def test_hard_routing_equals_the_chosen_specialist_alone(zoo, caplog):
     router = make_router(zoo, "hard")
-    x = ids()
+    x = random_ids(6, 10)
     with caplog.at_level(logging.INFO, logger="hf_localist.router.model"):
         out = router(x)
     assert out.chosen.shape == (6, 1) and len(set(out.chosen[:, 0].tolist())) >= 2
@@ -116,7 +97,7 @@ def test_hard_routing_equals_the_chosen_specialist_alone(zoo, caplog):
 
 def test_soft_routing_equals_the_explicit_mixture(zoo):
     router = make_router(zoo, "soft")
-    x = ids(seed=1)
+    x = random_ids(6, 10, seed=1)
     out = router(x)
     p = out.router_probs.double()
     mixture = sum(p[:, m, None, None] * alone_logits(zoo, n, x).softmax(-1) for m, n in enumerate(NAMES))
@@ -128,7 +109,7 @@ def test_soft_routing_equals_the_explicit_mixture(zoo):
 
 def test_top_k_renormalises_over_the_k_most_probable(zoo):
     router = make_router(zoo, "top_k", routing_k=2)
-    x = ids(seed=2)
+    x = random_ids(6, 10, seed=2)
     out = router(x)
     top = out.router_probs.topk(2, dim=-1)
     assert torch.equal(out.chosen, top.indices)
@@ -138,13 +119,14 @@ def test_top_k_renormalises_over_the_k_most_probable(zoo):
     expected = torch.zeros_like(out.logits)
     for i in range(6):
         for j in range(2):
-            expected[i] += w[i, j].double() * alone_logits(zoo, NAMES[int(top.indices[i, j])], x[i: i + 1])[0].softmax(-1)
+            name = NAMES[int(top.indices[i, j])]
+            expected[i] += w[i, j].double() * alone_logits(zoo, name, x[i: i + 1])[0].softmax(-1)
     close(out.logits.exp(), expected, 1e-7)
 
 
 def test_mixture_loss_uses_num_items_and_trains_the_router(zoo):
     router = make_router(zoo, "soft")
-    x = ids(4, 8, seed=3)
+    x = random_ids(4, 8, seed=3)
     labels = x.clone()
     labels[0, :3] = -100
     out = router(x, labels=labels)
@@ -165,7 +147,7 @@ def test_router_trains_in_a_trainer(zoo, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     router = make_router(zoo, "top_k", routing_k=2)
-    x = ids(8, 10, seed=9)
+    x = random_ids(8, 10, seed=9)
     before = router.output_layer.weight.detach().clone()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=0.1,
                              gradient_accumulation_steps=2, report_to=[], save_strategy="no", use_cpu=True,
@@ -182,7 +164,7 @@ def test_mlp_router_fits_on_a_dataset_and_round_trips(zoo, tmp_path):
 
     router = make_router(zoo, "soft", router_hidden_size=16)
     assert isinstance(router.router, torch.nn.Sequential)
-    x = ids(12, 8, seed=10)
+    x = random_ids(12, 8, seed=10)
     x[:6, :4] = 5  # two recognisable groups
     features = Features({"input_ids": Sequence(Value("int64")), "label": ClassLabel(names=["alpha", "beta"])})
     data = Dataset.from_dict({"input_ids": x.tolist(), "label": [0] * 6 + [1] * 6}, features=features)
@@ -192,13 +174,14 @@ def test_mlp_router_fits_on_a_dataset_and_round_trips(zoo, tmp_path):
     loaded = LocalistRouterModel.from_pretrained(tmp_path / "mlp")
     close(loaded(x).logits, router(x).logits)
     assert int(loaded.router_fitted) == 1
-    out = router.init_router_from_prompts({n: [ids(2, 6, seed=i)[0], ids(2, 6, seed=i)[1]] for i, n in enumerate(NAMES)})
+    out = router.init_router_from_prompts({n: [random_ids(2, 6, seed=i)[0], random_ids(2, 6, seed=i)[1]]
+                                           for i, n in enumerate(NAMES)})
     assert out["event"] == "fit_router"  # an MLP router is fitted on the prompts
 
 
 def test_prototype_router_from_prompts(zoo):
     router = make_router(zoo)
-    groups = {n: [ids(1, 8, seed=20 + 3 * i + j)[0] for j in range(3)] for i, n in enumerate(NAMES)}
+    groups = {n: [random_ids(1, 8, seed=20 + 3 * i + j)[0] for j in range(3)] for i, n in enumerate(NAMES)}
     for i, n in enumerate(NAMES):  # a domain = prompts that share some content
         for p in groups[n]:
             p[1::2] = 10 + 30 * i
@@ -209,7 +192,7 @@ def test_prototype_router_from_prompts(zoo):
 
 def test_padding_does_not_change_routing_or_outputs(zoo):
     router = make_router(zoo, "soft")
-    x = ids(1, 7, seed=4)
+    x = random_ids(1, 7, seed=4)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
     mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], 1)
     a, b = router(x), router(padded, attention_mask=mask)
@@ -219,7 +202,7 @@ def test_padding_does_not_change_routing_or_outputs(zoo):
 
 # ---------------------------------------------------------------------------------------------- generation
 def _left_padded():
-    x = ids(3, 6, seed=7)
+    x = random_ids(3, 6, seed=7)
     mask = torch.ones_like(x)
     x[1, :2], mask[1, :2] = 0, 0
     return x, mask
@@ -270,7 +253,7 @@ def test_mixture_sampling_equals_recomputation_and_stops_at_eos(zoo):
 def test_save_load_gives_identical_outputs_and_lru_cache(zoo, tmp_path):
     names = ("gamma", "alpha", "beta")  # not sorted: config.json sorts keys, the router's output order must survive
     router = make_router(zoo, "soft", names=names, max_loaded_specialists=1)
-    x = ids(seed=8)
+    x = random_ids(6, 10, seed=8)
     ref = router(x)
     assert len(router.loaded_specialists) == 1  # least recently used specialists released
     router.save_pretrained(tmp_path / "ref")
@@ -313,17 +296,6 @@ def test_push_to_hub_uploads_router_and_every_specialist(zoo, fake_hub):
 
 
 # ---------------------------------------------------------------------------------------------- recruitment
-L = 24
-
-
-def domain(name: str, n: int, seed: int) -> list[list[int]]:
-    """A: tokens 10-39; B: tokens 40-69; C (uncovered): alternating A and B tokens."""
-    g = random.Random(seed)
-    pick = {"A": lambda i: g.randrange(10, 40), "B": lambda i: g.randrange(40, 70),
-            "C": lambda i: g.randrange(10, 40) if i % 2 == 0 else g.randrange(40, 70)}[name]
-    return [[1] + [pick(i) for i in range(L - 1)] for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def domains(tmp_path_factory):
     d = tmp_path_factory.mktemp("domains")
@@ -381,7 +353,7 @@ def test_unknown_routing_mode_and_bad_settings(zoo):
         LocalistRouterModel.from_specialists(zoo.paths["base"], {"alpha": zoo.paths["alpha"]}, routing="banana")
     router = make_router(zoo)
     with pytest.raises(LocalistConfigError, match="sideways"):
-        router(ids(), routing="sideways")
+        router(random_ids(6, 10), routing="sideways")
     with pytest.raises(LocalistConfigError, match="routing='x'"):
         router.config.routing = "x"
     assert router.config.routing == "hard"
@@ -390,15 +362,15 @@ def test_unknown_routing_mode_and_bad_settings(zoo):
     with pytest.raises(LocalistConfigError, match="500"):
         router.recruit_specialist([[1, 2, 3]], r=500)
     with pytest.raises(LocalistConfigError, match="'delta'"):
-        router(ids(), route_to=["delta"] * 6)
+        router(random_ids(6, 10), route_to=["delta"] * 6)
     with pytest.raises(LocalistConfigError, match="repetition_penalty"):
-        router.generate(ids(), repetition_penalty=1.2)
+        router.generate(random_ids(6, 10), repetition_penalty=1.2)
     with pytest.raises(LocalistConfigError, match="no specialist"):
-        router.fit_router([(ids()[0], "alpha"), (ids()[1], "zeta")])
+        router.fit_router([(random_ids(6, 10)[0], "alpha"), (random_ids(6, 10)[1], "zeta")])
     with pytest.raises(LocalistConfigError, match="zeta"):
-        router.fit_router([(ids()[0], "alpha"), (ids()[1], "zeta")])
+        router.fit_router([(random_ids(6, 10)[0], "alpha"), (random_ids(6, 10)[1], "zeta")])
     with pytest.raises(LocalistConfigError, match="gamma"):
-        router.init_router_from_prompts({"alpha": [ids()[0]], "beta": [ids()[1]]})
+        router.init_router_from_prompts({"alpha": [random_ids(6, 10)[0]], "beta": [random_ids(6, 10)[1]]})
     with pytest.raises(LocalistConfigError, match="tokenizer"):
         router.fit_router([("some text", "alpha")])
 
@@ -441,7 +413,7 @@ def test_missing_or_corrupt_specialist_files(zoo, tmp_path):
     data = (tmp_path / "d" / "model.safetensors").read_bytes()
     (tmp_path / "d" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(LocalistLoadError, match="specialist 'd'"):
-        router(ids(), route_to=["d"] * 6)
+        router(random_ids(6, 10), route_to=["d"] * 6)
 
 
 def test_saved_router_refuses_escaping_paths_and_names_missing_specialists(zoo, tmp_path):
@@ -474,10 +446,7 @@ def test_saved_router_refuses_escaping_paths_and_names_missing_specialists(zoo, 
 # ---------------------------------------------------------------------------------------------- the example
 @pytest.mark.slow
 def test_router_example_runs_in_tiny_mode(tmp_path):
-    spec = importlib.util.spec_from_file_location("router_agnews", os.path.join(ROOT, "examples", "router_agnews.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["router_agnews"] = module
-    spec.loader.exec_module(module)
+    module = load_script("examples/router_agnews.py", "router_agnews")
     threads = torch.get_num_threads()
     try:
         results = module.main(["--tiny", "--output-dir", str(tmp_path)])

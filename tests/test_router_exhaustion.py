@@ -13,8 +13,8 @@ import random
 
 import pytest
 import torch
+from helpers import domain, tiny_llama
 from peft import LoraConfig
-from test_router import domain, tiny_llama
 from transformers import LlamaForCausalLM
 
 from hf_localist import LocalistConfig, LocalistConfigError, LocalistRouterModel, RecruitmentConfig, apply_localist

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LAYERS, build_model, left_pad_mask, main_output, random_block_ids, random_ids
+from helpers import LAYERS, build_model, left_pad_mask, main_output, random_block_ids, random_ids
 
 import hf_localist as hl
 from hf_localist.attention import backends

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_model, random_block_ids, random_ids
+from helpers import build_model, localist_model, random_block_ids, random_ids
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import hf_localist as hl
@@ -39,10 +39,8 @@ def _args(tmp_path, **kw):
 
 
 def _model(penalty="prox", lam=0.5, seed=0, **kw):
-    model = build_model("llama", seed=seed)
-    cfg = hl.LocalistConfig(alpha=0.5, block_assignment="explicit", max_blocks=3, penalty=penalty,
-                            penalty_lambda=lam, general_head_fraction=0.25, **kw)
-    return model, hl.apply_localist(model, cfg)
+    return localist_model("llama", seed=seed, alpha=0.5, max_blocks=3, penalty=penalty, penalty_lambda=lam,
+                          general_head_fraction=0.25, **kw)
 
 
 class LogCatcher(TrainerCallback):
