@@ -33,6 +33,7 @@ MODEL_CONFIG_KEY = "localist"
 SCHEDULES = ("uniform", "progressive")
 BACKENDS = ("auto", "dense", "segment", "flex")
 BLOCK_ASSIGNMENTS = ("segment", "explicit", "centroid")
+BLOCK_POSITIONS = ("continuous", "restart")
 PENALTIES = ("none", "loss", "prox")
 LAMBDA_MODES = ("fixed", "threshold")
 SUBSPACES = ("coordinate", "pca")
@@ -78,6 +79,13 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
     block_assignment: str = field(default="segment", metadata=spec(
         "'segment': block ids come from anchor tokens <blk_NAME> in input_ids (<blk_general> returns to block 0); "
         "'explicit': pass block_ids of shape (batch, seq) to forward.", one_of(BLOCK_ASSIGNMENTS)))
+    block_positions: str = field(default="continuous", metadata=spec(
+        "Position ids of block tokens. 'continuous': the model's own (index in the sequence; dial 0 is the unmodified "
+        "model). 'restart': each block's tokens get the positions they would have if the block were read alone after "
+        "the sink and the general tokens before it; general tokens come after the longest block so far (as Parallel "
+        "Context Windows). At dial 1 a block then equals the block read alone. Needs block ids before the call "
+        "(segment or explicit assignment) and a model whose forward takes position_ids.",
+        one_of(BLOCK_POSITIONS)))
     max_blocks: int = field(default=16, metadata=spec(
         "Number of block slots 1..max_blocks (block 0 is the general block).",
         integer(1, note="need at least one block slot; block 0 is the general block")))
@@ -140,6 +148,12 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         self._finish_init()
 
     def _validate_consistency(self) -> None:
+        if self.block_positions == "restart" and self.block_assignment == "centroid":
+            raise LocalistConfigError(
+                "LocalistConfig.block_positions='restart' with block_assignment='centroid' is not possible: centroid "
+                "block ids are computed inside the forward, after the positions are used; use block_assignment="
+                "'segment' or 'explicit', or block_positions='continuous'"
+            )
         if len(self.anchor_token_ids) > self.max_blocks:
             raise LocalistConfigError(
                 f"LocalistConfig.anchor_token_ids has {len(self.anchor_token_ids)} anchors but max_blocks="

@@ -20,6 +20,7 @@ import torch
 
 from ..attention.call import CALL_KWARG, CallContext, current_call, scope_of, scoped
 from ..blocks.ids import anchor_flags, segment_block_ids, validate_block_ids
+from ..blocks.positions import restart_positions
 from ..errors import BlockIdsError, LocalistConfigError, LocalistStateError
 from .cache import cache_arg, cache_length, output_cache, track_cache
 
@@ -81,6 +82,8 @@ class LocalistForward(PatchedMethod):
         bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
         scope = scope_of(self.state)
         call = build_call(self.state, scope, bound, block_ids, target_block_ids, alpha)
+        if self.state.config.block_positions == "restart":
+            restart_kwargs(original, bound, kwargs, call, generating=scope.generating > 0)
         kwargs[CALL_KWARG] = call
         try:
             with current_call(call):
@@ -110,6 +113,28 @@ class LocalistGenerate(PatchedMethod):
     def __call__(self, *args: Any, **kwargs: Any):
         with scoped(self.state, generating=scope_of(self.state).generating + 1):
             return self.original()(*args, **kwargs)
+
+
+def restart_kwargs(original: Callable, bound: dict, kwargs: dict, call: CallContext, generating: bool) -> None:
+    """Set ``position_ids`` of the ``"restart"`` policy (see :mod:`hf_localist.blocks.positions`) in ``kwargs``."""
+    if "position_ids" not in inspect.signature(original).parameters:
+        raise LocalistConfigError(
+            f"LocalistConfig.block_positions='restart' needs a model whose forward takes position_ids; "
+            f"{type(getattr(original, '__self__', original)).__name__}.forward does not: use "
+            "block_positions='continuous'"
+        )
+    if bound.get("position_ids") is not None and not generating:  # generate() computes its own continuous ones
+        raise LocalistConfigError(
+            "position_ids were passed with LocalistConfig.block_positions='restart', which computes them from the "
+            "block ids: drop position_ids, or set block_positions='continuous' to use yours"
+        )
+    positions = restart_positions(call.block_ids, call.query_valid, call.sink)  # (B, total)
+    new_len = (bound.get("input_ids") if bound.get("input_ids") is not None else bound["inputs_embeds"]).shape[1]
+    kwargs["position_ids"] = positions[:, -new_len:]
+    if bound.get("attention_mask") is None and cache_length(cache_arg(bound)) == 0:
+        # Without a 2-D mask transformers reads non-increasing position_ids as packed sequences and would cut the
+        # attention at every restart: an all-ones mask keeps the model's own masking (causal, padding-free).
+        kwargs["attention_mask"] = call.query_valid.long()
 
 
 def check_alpha(alpha: Any, name: str = "localist_alpha") -> float | None:
