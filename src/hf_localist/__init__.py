@@ -7,7 +7,10 @@ models through transformers' ``AttentionInterface``. See ``docs/`` (the design c
 from .arch.registry import ArchSpec, get_arch_spec, register_localist_arch, supported_architectures
 from .attention.function import ATTENTION_KEY, localist_attention
 from .attention.recorder import DiagnosticsRecorder
+from .blocks.chat import encode_chat
+from .blocks.collator import LocalistDataCollator
 from .blocks.ids import GENERAL_TOKEN, add_block_tokens, anchor_token
+from .blocks.text import block_ids_from_spans, encode_blocks
 from .config.localist import LocalistConfig
 from .config.recruitment import RecruitmentConfig
 from .errors import (
@@ -40,6 +43,7 @@ __all__ = [
     "GENERAL_TOKEN",
     "LocalistConfig",
     "LocalistConfigError",
+    "LocalistDataCollator",
     "LocalistError",
     "LocalistCallback",
     "LocalistHandle",
@@ -54,6 +58,9 @@ __all__ = [
     "add_block_tokens",
     "anchor_token",
     "apply_localist",
+    "block_ids_from_spans",
+    "encode_blocks",
+    "encode_chat",
     "get_arch_spec",
     "localist_attention",
     "recruit",
