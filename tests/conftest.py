@@ -20,7 +20,7 @@ if _HERE not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import ARCHS, DECODER_ARCHS, FakeHubApi  # noqa: E402
+from helpers import ARCHS, DECODER_ARCHS, FakeHubApi, build_router_zoo  # noqa: E402
 from huggingface_hub.errors import EntryNotFoundError  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -55,3 +55,9 @@ def arch(request) -> str:
 @pytest.fixture(params=DECODER_ARCHS)
 def decoder_arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """The router zoo of ``helpers.build_router_zoo`` (a base, a full and two LoRA specialists), once per module."""
+    return build_router_zoo(tmp_path_factory.mktemp("zoo"))

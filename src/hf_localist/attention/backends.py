@@ -541,8 +541,31 @@ def _gather(x: torch.Tensor, rows: _Rows, groups: int, length: int) -> torch.Ten
     return g.view(h, groups, length, d).transpose(0, 1)
 
 
+def _group_attention(q, k, v, mask, is_causal: bool, scaling: float, dropout: float, gqa: bool,
+                     softcap: float | None):
+    """SDPA over the gathered groups; with a logit ``softcap`` (Gemma 2), which SDPA cannot apply, the same
+    computation written out: ``softcap * tanh(scaling * q k^T / softcap)``, then the mask, then softmax (the order
+    of transformers' eager attention and of :func:`dense_attention`)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                              scale=scaling, enable_gqa=gqa)
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    scores = (torch.tanh(scores / softcap) * softcap).float()
+    if is_causal:  # SDPA's is_causal: top-left aligned (the groups' queries and keys are the same sequence)
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    if dropout > 0.0:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, v)
+
+
 def segment_attention(query, key, value, attention_mask, layout: Layout, beta_anchor: float, scaling: float,
-                      dropout: float = 0.0):
+                      dropout: float = 0.0, softcap: float | None = None):
     """Hard-mode attention with block-sparse work (alpha_l = 1).
 
     Groups are (row r, block k) pairs present among the queries. Group (r, k >= 1) sees keys of block k, of block
@@ -550,7 +573,8 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
     group's queries and visible keys are gathered into the batch dimension of an SDPA call (see
     :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask tensor), and the outputs are
     gathered back to (B, T, H, D). The plan is computed once per forward call and shared by the layers; the
-    gathers' backward passes are gathers too.
+    gathers' backward passes are gathers too. A logit ``softcap`` (Gemma 2) is applied before the mask, as the
+    model's own attention does (then each group runs as an explicit softmax instead of SDPA).
     """
     b, h, t, d = query.shape
     s = key.shape[2]
@@ -567,8 +591,7 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
         mask = part.mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
-        og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, is_causal=part.is_causal,
-                                            scale=scaling, enable_gqa=gqa)  # (G, H, L, D)
+        og = _group_attention(qg, kg, vg, mask, part.is_causal, scaling, dropout, gqa, softcap)  # (G, H, L, D)
         del qg, kg, vg  # without grad, free the gathered copies before the next part and the output gather
         outs.append(og.transpose(1, 2).reshape(part.groups * part.q_len, h, d))
     rows = outs[0] if len(outs) == 1 else torch.cat(outs)

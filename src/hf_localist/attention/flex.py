@@ -135,9 +135,26 @@ def _flex_block_mask(layout: Layout, attention_mask: torch.Tensor | None, b: int
                                     mask_mod=mask_mod, seq_lengths=(t, s))
 
 
-def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scaling: float, compile_kernel: bool):
+_SOFTCAP_MODS: dict = {}  # softcap -> score_mod: one function per value, so the compiled kernel is reused
+
+
+def _softcap_score_mod(softcap: float):
+    """flex_attention's ``score_mod`` for a logit softcap (Gemma 2): ``softcap * tanh(score / softcap)`` on the
+    scaled score, before the mask, as the model's eager attention applies it."""
+    fn = _SOFTCAP_MODS.get(softcap)
+    if fn is None:
+        def fn(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+        _SOFTCAP_MODS[softcap] = fn
+    return fn
+
+
+def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scaling: float, compile_kernel: bool,
+                        softcap: float | None = None):
     """Hard-mode attention with flex_attention: the block rule as a ``mask_mod`` closed over the layout tensors.
-    The BlockMask is built once per forward call (shared by the layers, see :class:`_PlanCache`)."""
+    The BlockMask is built once per forward call (shared by the layers, see :class:`_PlanCache`); a logit
+    ``softcap`` is a ``score_mod``."""
     from torch.nn.attention.flex_attention import flex_attention
 
     global _COMPILED_FLEX
@@ -151,5 +168,7 @@ def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scali
             _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
         fn = _COMPILED_FLEX
     gqa = key.shape[1] != h
-    out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)  # (B, H, T, D)
+    score_mod = _softcap_score_mod(float(softcap)) if softcap is not None else None
+    out = fn(query, key, value, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+             enable_gqa=gqa)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None

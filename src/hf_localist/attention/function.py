@@ -108,7 +108,8 @@ def _additive_mask_for_eager(module, state: LocalistState, query: torch.Tensor, 
     return attention_mask
 
 
-def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query: torch.Tensor, module) -> str:
+def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query: torch.Tensor, module,
+                  dropout: float = 0.0) -> str:
     hard = alpha_l >= 1.0
     requested = cfg.backend
     if need_weights:
@@ -128,7 +129,8 @@ def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query
         window = getattr(module, "sliding_window", None)
         if window is not None and query.shape[2] > 1:
             return "dense"  # the mask transformers gives carries the window; dense honours it exactly
-        return "flex" if query.device.type == "cuda" else "segment"
+        # flex_attention has no dropout: a layer that asks for attention dropout (training) runs segment
+        return "flex" if query.device.type == "cuda" and dropout == 0.0 else "segment"
     return requested
 
 
@@ -176,19 +178,28 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     is_causal = kwargs.get("is_causal")
     causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", state.causal))
     layout = _layout(ctx, q_len, kv_len, causal, query.device)
-    backend = _pick_backend(state.config, alpha_l, need_weights, query, module)
+    backend = _pick_backend(state.config, alpha_l, need_weights, query, module, dropout)
     state.backend_counts[backend] = state.backend_counts.get(backend, 0) + 1
     beta = state.config.beta_anchor
+    # Gemma 2's attention logit softcap: every backend applies it (SDPA cannot: segment then runs explicit softmax).
+    # Sliding windows need nothing here: transformers puts the window into the mask of those layers.
+    softcap = kwargs.get("softcap")
     if backend == "segment":
-        return segment_attention(query, key, value, attention_mask, layout, beta, scaling, dropout)
+        return segment_attention(query, key, value, attention_mask, layout, beta, scaling, dropout, softcap=softcap)
     if backend == "flex":
         if beta > 0.0:
             raise BackendError(
                 f"LocalistConfig.backend='flex' has no anchor bonus (beta_anchor={beta}): use 'segment' or 'dense'"
             )
-        return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile)
+        if dropout > 0.0:
+            raise BackendError(
+                f"LocalistConfig.backend='flex' has no attention dropout (the layer asks for dropout={dropout} in "
+                "training mode): use 'segment' or 'dense', or set the model's attention dropout to 0"
+            )
+        return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile,
+                                   softcap=softcap)
     out, weights = dense_attention(query, key, value, attention_mask, layout, alpha_l, beta, scaling, dropout,
-                                   need_weights=need_weights, softcap=kwargs.get("softcap"), mask_cache=ctx.mask_cache)
+                                   need_weights=need_weights, softcap=softcap, mask_cache=ctx.mask_cache)
     for probe in ctx.probes:
         probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, ctx)
     if recorder is not None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
 
 from ..errors import BlockIdsError
 
@@ -52,8 +53,6 @@ class LocalistDataCollator:
         if collator is None:
             if tokenizer is None:
                 raise BlockIdsError("LocalistDataCollator needs a tokenizer or a collator to wrap")
-            from transformers import DataCollatorForLanguageModeling, DataCollatorWithPadding
-
             collator = (DataCollatorForLanguageModeling(tokenizer, mlm=False) if language_modeling
                         else DataCollatorWithPadding(tokenizer))
         self.collator = collator

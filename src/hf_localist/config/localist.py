@@ -18,10 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from transformers import AutoModel, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import PushToHubMixin, cached_file
 
-from ..arch.registry import get_arch_spec
-from ..errors import LocalistConfigError, LocalistLoadError
+from ..arch.registry import ArchSpec, get_arch_spec
+from ..errors import LocalistConfigError, LocalistLoadError, UnsupportedArchitectureError
 from ..utils import atomic_write_text
 from .fields import Invalid, ValidatedFields, boolean, custom, integer, list_of, number, one_of, plain, spec, text
 from .recruitment import RecruitmentConfig
@@ -292,12 +295,50 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
 
     @classmethod
     def for_model_config(cls, model_config: Any, **overrides: Any) -> LocalistConfig:
-        """Defaults for a model config (a ``PreTrainedConfig`` or its dict): checks the architecture is supported."""
+        """Defaults for a model config (a ``PreTrainedConfig`` or its dict): checks the architecture is supported.
+
+        Accepts every architecture ``apply_localist`` accepts: a registered ``model_type``, or one whose layout
+        ``apply_localist`` would detect from the model (its attention modules and AttentionInterface support), which
+        is checked here on the model built from the config on the meta device (no memory, no weights)."""
         data = model_config if isinstance(model_config, dict) else model_config.to_dict()
         model_type = data.get("model_type")
+        spec, num_layers = _arch_of(model_config, data)
+        return cls.from_dict({"model_type": spec.model_type if model_type is None else model_type,
+                              "num_layers": num_layers}, **overrides)
+
+
+def _arch_of(model_config: Any, data: dict[str, Any]) -> tuple[ArchSpec, int | None]:
+    """(registry entry, number of attention layers) of a model config, as ``apply_localist`` would find them."""
+    model_type = data.get("model_type")
+    try:
         spec = get_arch_spec(model_type)
-        num_layers = spec.num_layers_from_config(data)
-        return cls.from_dict({"model_type": model_type, "num_layers": num_layers}, **overrides)
+    except UnsupportedArchitectureError as not_registered:
+        model = _meta_model(model_config, data, not_registered)
+        spec = get_arch_spec(model_type, model)  # the registry's error again when nothing is detected
+        return spec, sum(1 for m in model.modules() if spec.is_attention_module(m))
+    return spec, spec.num_layers_from_config(data)
+
+
+def _meta_model(model_config: Any, data: dict[str, Any], not_registered: Exception) -> torch.nn.Module:
+    """The bare model of a config, built on the meta device (shapes only: nothing allocated, nothing loaded)."""
+    model_type = data.get("model_type")
+    config = model_config if isinstance(model_config, PreTrainedConfig) else None
+    if config is None and isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        config = CONFIG_MAPPING[model_type].from_dict(data)
+    if config is None:
+        raise UnsupportedArchitectureError(
+            f"{not_registered} (model_type={model_type!r} is not a transformers architecture either, so its layout "
+            "cannot be detected from the config: load the model and call apply_localist(model), which detects it "
+            "from the model's modules)"
+        ) from not_registered
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(config)
+    except Exception as e:  # any failure of the modeling code: detection is then impossible, say why
+        raise UnsupportedArchitectureError(
+            f"{not_registered} (detection from the config failed: building {type(config).__name__} on the meta "
+            f"device raised {type(e).__name__}: {e}; load the model and call apply_localist(model) instead)"
+        ) from e
 
 
 def _read_json(path: str) -> dict[str, Any]:

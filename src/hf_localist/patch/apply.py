@@ -18,6 +18,7 @@ import copy
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any
 
 import torch.nn as nn
@@ -82,6 +83,7 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
         )
     # Validated together (first_local_layer < number of layers); a rejected config is left unchanged.
     config.update(model_type=spec.model_type, num_layers=len(modules))
+    _warn_if_no_block_can_start(config)
 
     register_attention_key()
     original_impl = base.config._attn_implementation
@@ -112,6 +114,19 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
         base.generate = LocalistGenerate(base, state, base.__dict__.get("generate"))
     base.localist_handle = handle
     return handle
+
+
+def _warn_if_no_block_can_start(config: LocalistConfig) -> None:
+    """The defaults (segment assignment, no anchor tokens) change nothing: say so, and how to give the blocks."""
+    if config.block_assignment == "segment" and not config.anchor_token_ids:
+        warnings.warn(
+            "apply_localist: block_assignment='segment' with anchor_token_ids=[] (the defaults): no token starts a "
+            "block, so every position stays in block 0 and the model is unchanged at every dial, alpha=1 included, "
+            "unless each call passes block_ids=. Give the blocks: anchor_token_ids=[...] (add_block_tokens(tokenizer, "
+            "model, names) returns a config with them), or block_assignment='explicit' and pass block_ids=(batch, "
+            "seq) to every call, or block_assignment='centroid'",
+            UserWarning, stacklevel=3,
+        )
 
 
 # ---------------------------------------------------------------------- save: settings travel with the model

@@ -113,6 +113,10 @@ class LocalistRouterConfig(ValidatedFields, PreTrainedConfig):
         one_of(ROUTING_MODES)))
     routing_k: int = field(default=2, metadata=spec(
         "k of top_k routing (>= 1; capped at the number of specialists).", integer(1)))
+    confidence_threshold: float = field(default=0.0, metadata=spec(
+        "Hard routing: an input whose top router probability is below this runs on the base model (adapters "
+        "disabled) instead of a specialist, in [0, 1]; 0 sends every input to a specialist. "
+        "LocalistRouterModel.calibrate_confidence sets it from labelled data.", number(0, 1)))
     router_hidden_size: int = field(default=0, metadata=spec(
         "0: the router is a linear layer on pooled base hidden states; > 0: a 1-hidden-layer MLP of this width "
         "(GELU).", integer(0)))
@@ -183,8 +187,8 @@ def check_r(value: Any) -> float:
 _CHECKS = {name: partial(validate_field, "LocalistRouterConfig", name, rule=rule)
            for name, rule in LocalistRouterConfig._field_rules.items()}
 #: Fields that ``LocalistRouterModel.from_pretrained(path, **kwargs)`` may override (not the model-defining ones).
-OVERRIDABLE = ("routing", "routing_k", "max_loaded_specialists", "max_router_tokens", "gamma", "theta_ratio",
-               "theta_block")
+OVERRIDABLE = ("routing", "routing_k", "confidence_threshold", "max_loaded_specialists", "max_router_tokens", "gamma",
+               "theta_ratio", "theta_block")
 
 
 # ---------------------------------------------------------------------------------------------- paths

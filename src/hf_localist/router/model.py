@@ -31,6 +31,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from ..errors import LocalistConfigError, LocalistError, LocalistLoadError
 from . import config as rc
 from . import store as rs
+from .confidence import BASE, calibrate_confidence
 from .config import (
     LocalistRouterConfig,
     LocalistRouterGenerateOutput,
@@ -219,7 +220,8 @@ class LocalistRouterModel(PreTrainedModel):
             self.get_specialist(name)
 
     def _specialist_at(self, m: int) -> nn.Module:
-        return self._pool.get(self.specialist_names[m])
+        """Specialist ``m`` as a callable causal LM; ``BASE`` (-1, a below-threshold input): the base alone."""
+        return rs.BaseOnly(self._pool) if m == BASE else self._pool.get(self.specialist_names[m])
 
     def _index_of(self, name: Any) -> int:
         names = self.specialist_names
@@ -302,9 +304,11 @@ class LocalistRouterModel(PreTrainedModel):
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, routing: str | None = None,
               routing_k: int | None = None, route_to: Any = None, router_probs: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None) -> RoutingDecision:
+              position_ids: torch.Tensor | None = None, confidence_threshold: float | None = None) -> RoutingDecision:
         """The routing decision for each input (logged at INFO). ``route_to``: force one specialist per input
-        (names or indices; oracle routing). ``router_probs`` (B, M): use these probabilities instead of the router."""
+        (names or indices; oracle routing). ``router_probs`` (B, M): use these probabilities instead of the router.
+        ``confidence_threshold`` (hard mode; default ``config.confidence_threshold``): inputs whose top probability
+        is below it get ``chosen = BASE`` (-1) and run on the base alone."""
         mode, k = self._mode(routing, routing_k)
         m = len(self.specialist_names)
         if router_probs is not None:
@@ -326,6 +330,10 @@ class LocalistRouterModel(PreTrainedModel):
             log_w = torch.zeros(chosen.shape, device=logits.device)
         elif mode == "hard":
             chosen = logits.argmax(-1, keepdim=True)
+            tau = self.config.confidence_threshold if confidence_threshold is None else \
+                rc._CHECKS["confidence_threshold"](confidence_threshold)
+            if tau > 0:  # not confident enough for any specialist: the base model answers
+                chosen = chosen.masked_fill(probs.max(-1, keepdim=True).values < tau, BASE)
             log_w = torch.zeros(chosen.shape, device=logits.device)
         else:
             top = logits.topk(m if mode == "soft" else k, dim=-1)
@@ -338,14 +346,14 @@ class LocalistRouterModel(PreTrainedModel):
     def _log_decision(self, d: RoutingDecision) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return
-        names = self.specialist_names
+        names = {i: n for i, n in enumerate(self.specialist_names)} | {BASE: "base"}
         rows = [", ".join(f"{names[c]}:{w:.3f}" for c, w in zip(cs, ws)) + f" (H_domain {h:.3f})"
                 for cs, ws, h in zip(d.chosen.tolist(), d.log_weights.exp().tolist(), d.domain_entropy.tolist())]
         logger.info("routing (%s) of %d input(s): %s", d.mode, len(rows), " | ".join(rows))
 
     # ------------------------------------------------------------------ forward
     def _run(self, m: int, ids, mask, pos, **kwargs) -> torch.Tensor:
-        model = self._pool.get(self.specialist_names[m])
+        model = self._specialist_at(m)
         extra = {} if pos is None else {"position_ids": pos}
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra, **kwargs).logits
@@ -353,13 +361,15 @@ class LocalistRouterModel(PreTrainedModel):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, *, routing: str | None = None, routing_k: int | None = None,
                 route_to: Any = None, router_probs: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, num_items_in_batch: Any = None,
+                position_ids: torch.Tensor | None = None, confidence_threshold: float | None = None,
+                num_items_in_batch: Any = None,
                 return_dict: bool | None = None, **kwargs: Any) -> LocalistRouterOutput:
         """Route each input, run the chosen specialist(s), mix. ``loss`` (with ``labels``): causal-LM NLL of the
         mixture (of the chosen specialist in hard mode), normalised by ``num_items_in_batch`` when given."""
         input_ids, mask, position_ids = self._prepare(input_ids, attention_mask, position_ids)
         d = self.route(input_ids, mask, routing=routing, routing_k=routing_k, route_to=route_to,
-                       router_probs=router_probs, position_ids=position_ids)
+                       router_probs=router_probs, position_ids=position_ids,
+                       confidence_threshold=confidence_threshold)
         logits = self._mix(d, input_ids, mask, position_ids, **kwargs)
         loss = None
         if labels is not None:
@@ -401,7 +411,7 @@ class LocalistRouterModel(PreTrainedModel):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  routing: str | None = None, routing_k: int | None = None, route_to: Any = None,
                  router_probs: torch.Tensor | None = None, return_dict_in_generate: bool = False,
-                 **gen_kwargs: Any):
+                 confidence_threshold: float | None = None, **gen_kwargs: Any):
         """Route once on the prompt (left-pad batches), then decode with the KV cache. hard: each group of inputs
         runs its specialist's own ``generate``; soft / top_k: a mixture loop with one cache per specialist.
         Accepts ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
@@ -418,9 +428,9 @@ class LocalistRouterModel(PreTrainedModel):
             opts["pad_token_id"] = self._pool.base.config.get_text_config().pad_token_id or 0
         ids, mask, pos = self._prepare(input_ids, attention_mask, None)
         d = self.route(ids, mask, routing=routing, routing_k=routing_k, route_to=route_to, router_probs=router_probs,
-                       position_ids=pos)
+                       position_ids=pos, confidence_threshold=confidence_threshold)
         used = d.chosen.unique().tolist()
-        with self._pool.pinned([self.specialist_names[m] for m in used]):
+        with self._pool.pinned([self.specialist_names[m] for m in used if m != BASE]):
             generate = generate_hard if d.mode == "hard" else generate_mixture
             seqs = generate(self._specialist_at, d, ids, mask, pos, opts)
         if return_dict_in_generate:
@@ -432,6 +442,11 @@ class LocalistRouterModel(PreTrainedModel):
     def fit_router(self, dataset: Any, **kwargs: Any) -> dict[str, Any]:
         """Fit the router on domain-labelled data (see :func:`hf_localist.router.recruit.fit_router`)."""
         return fit_router(self, dataset, **kwargs)
+
+    def calibrate_confidence(self, data: Any, **kwargs: Any) -> dict[str, Any]:
+        """Set ``config.confidence_threshold`` from labelled data (see
+        :func:`hf_localist.router.confidence.calibrate_confidence`)."""
+        return calibrate_confidence(self, data, **kwargs)
 
     def init_router_from_prompts(self, prompts: dict[str, Sequence[Any]], **kwargs: Any) -> dict[str, Any]:
         """Initialise the router from a few example prompts per specialist (class-mean prototypes)."""

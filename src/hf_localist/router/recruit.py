@@ -129,7 +129,7 @@ def _standardise(router, x: torch.Tensor, isotropic: bool) -> None:
         router.feature_scale.copy_(scale)
 
 
-def _check_labels(router, labels: Sequence[Any], what: str) -> list[int]:
+def check_labels(router, labels: Sequence[Any], what: str) -> list[int]:
     names = router.specialist_names
     unknown = sorted({str(label) for label in labels if label not in names})
     if unknown:
@@ -150,7 +150,7 @@ def fit_router(router, dataset: Any, *, steps: int = 300, lr: float = 0.05, weig
     the training accuracy and loss.
     """
     seqs, labels = encode_inputs(router, dataset, need_labels=True)
-    y = torch.tensor(_check_labels(router, labels, "the router fit data"))
+    y = torch.tensor(check_labels(router, labels, "the router fit data"))
     x = features(router, seqs, batch_size)
     opts = {"steps": steps, "lr": lr, "weight_decay": weight_decay, "label_smoothing": label_smoothing, "seed": seed}
     result = _fit_on_features(router, x, y, **opts)
@@ -198,7 +198,7 @@ def init_router_from_prompts(router, prompts: dict[str, Sequence[Any]], *, tempe
         raise LocalistConfigError(
             f"prompts must be a dict specialist name -> list of prompts, got {type(prompts).__name__}")
     names = router.specialist_names
-    _check_labels(router, list(prompts), "prompts")
+    check_labels(router, list(prompts), "prompts")
     missing = [n for n in names if not prompts.get(n)]
     if missing:
         raise LocalistConfigError(f"no prompts for specialist(s) {missing}: give at least one per specialist")

@@ -126,6 +126,22 @@ class SpecialistPool:
             yield self.base
 
 
+class BaseOnly:
+    """The pool's base model with every adapter disabled, as a callable causal LM with ``generate`` (what a
+    below-threshold input runs on)."""
+
+    def __init__(self, pool: SpecialistPool):
+        self.pool = pool
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        with self.pool.base_only() as base:
+            return base(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any):
+        with self.pool.base_only() as base:
+            return base.generate(*args, **kwargs)
+
+
 def find_tokenizer(root: str | None, base_loc: str):
     for loc in (root, base_loc):
         if loc and os.path.isdir(loc) and any(os.path.isfile(os.path.join(loc, f))
