@@ -17,6 +17,7 @@ from .config.recruitment import RecruitmentConfig
 from .errors import (
     BackendError,
     BlockIdsError,
+    BlockKVError,
     LocalistConfigError,
     LocalistError,
     LocalistLoadError,
@@ -25,7 +26,9 @@ from .errors import (
 )
 from .patch.apply import apply_localist
 from .patch.auto import AutoLocalistModel
+from .patch.blockkv import BlockKV, composed_sequence
 from .patch.handle import LocalistHandle
+from .patch.kvstore import BlockKVStore
 from .recruitment.recruit import RecruitmentCallback, recruit
 from .router.config import LocalistRouterConfig
 from .router.model import LocalistRouterModel
@@ -40,6 +43,9 @@ __all__ = [
     "AutoLocalistModel",
     "BackendError",
     "BlockIdsError",
+    "BlockKV",
+    "BlockKVError",
+    "BlockKVStore",
     "DiagnosticsRecorder",
     "GENERAL_TOKEN",
     "LocalistConfig",
@@ -60,6 +66,7 @@ __all__ = [
     "anchor_token",
     "apply_localist",
     "block_ids_from_spans",
+    "composed_sequence",
     "encode_blocks",
     "encode_chat",
     "fetch_checkpoint",

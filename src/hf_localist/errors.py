@@ -32,6 +32,10 @@ class LocalistLoadError(LocalistError, OSError):
     """A saved localist config or model is missing, corrupt, or does not match the model."""
 
 
+class BlockKVError(LocalistError, ValueError):
+    """Cached block keys / values cannot be encoded or composed exactly here (other model, settings or inputs)."""
+
+
 class LocalistStateError(LocalistError, RuntimeError):
     """The model is not in the state the call needs (for example not patched, or already reverted)."""
 
@@ -44,4 +48,5 @@ __all__ = [
     "BackendError",
     "LocalistLoadError",
     "LocalistStateError",
+    "BlockKVError",
 ]

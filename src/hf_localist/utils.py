@@ -5,25 +5,35 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers see the old file or the new one, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+    atomic_write(path, write)
 
 
 def move_tree_contents(src: str, dst: str) -> None:

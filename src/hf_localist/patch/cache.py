@@ -73,7 +73,7 @@ class _TrackedCacheMethod:
     def __call__(self, *args: Any, **kwargs: Any):
         result = getattr(type(self.cache), self.name)(self.cache, *args, **kwargs)
         transform = _CACHE_METHODS[self.name]
-        for attr in ("_localist_block_ids", "_localist_sink"):
+        for attr in ("_localist_block_ids", "_localist_sink", "_localist_continue"):
             value = self.cache.__dict__.get(attr)
             if value is not None:
                 setattr(self.cache, attr, transform(value, *args, **kwargs))

@@ -100,6 +100,7 @@ class LocalistForward(PatchedMethod):
             track_cache(cache)
             cache._localist_block_ids = call.block_ids
             cache._localist_sink = call.sink
+            cache.__dict__.pop("_localist_continue", None)  # the history now ends in what followed the blocks
         for observer in scope.observers:
             observer.append(call)
         return out
@@ -111,8 +112,31 @@ class LocalistGenerate(PatchedMethod):
     name = "generate"
 
     def __call__(self, *args: Any, **kwargs: Any):
+        composed_prompt_mask(args, kwargs)
         with scoped(self.state, generating=scope_of(self.state).generating + 1):
             return self.original()(*args, **kwargs)
+
+
+def composed_prompt_mask(args: tuple, kwargs: dict) -> None:
+    """``generate(question_ids, cache=compose_cache(...))``: give transformers the mask of the whole sequence.
+
+    transformers restarts from a filled cache when ``input_ids`` hold the whole sequence, or only the new tokens
+    with an ``attention_mask`` of the whole sequence. A composed cache has no token ids of its own, so the mask of
+    its positions (all valid) is prepended to the question's.
+    """
+    cache = cache_arg(kwargs)
+    if cache is None or getattr(cache, "_localist_continue", None) is None:
+        return
+    ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return
+    past = cache_length(cache)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.shape[1] == ids.shape[1]:
+        kwargs["attention_mask"] = torch.cat(
+            [torch.ones(mask.shape[0], past, dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
 def restart_kwargs(original: Callable, bound: dict, kwargs: dict, call: CallContext, generating: bool) -> None:
@@ -223,6 +247,9 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
             )
         k = known.shape[1] if known is not None else 0  # positions [k, total) are laid out here
         last = known[:, -1].to(device) if k > 0 else torch.zeros(batch, dtype=torch.long, device=device)
+        follow = getattr(cache, "_localist_continue", None) if past_len > 0 else None
+        if follow is not None and k == past_len and follow.shape[0] == batch:
+            last = follow.to(device)  # a composed cache (compose_cache): what follows the blocks is general
         rest = total - k
         if cfg.block_assignment == "centroid":
             # Placeholder: layer l0's pre-hook assigns positions [k, total) from their hidden states.

@@ -20,6 +20,7 @@ from ..attention.recorder import DiagnosticsRecorder
 from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistStateError
+from .blockkv import BlockKV, compose_cache, encode_block
 from .forward import PatchedMethod, check_alpha
 from .slots import activate_block, describe_blocks
 
@@ -118,6 +119,30 @@ class LocalistHandle:
         """Activate a dormant slot (buffers only: no parameter changes shape). See centroid.activate_block."""
         self._check_active()
         activate_block(self, slot, centroid, subspace, enabled, info)
+
+    # ------------------------------------------------------------------ block-KV reuse
+    def encode_block(self, input_ids: Any, sink_token_id: int | None = None) -> BlockKV:
+        """Keys and values of a block in every layer, read once at dial 1, for reuse in any prompt that holds it.
+
+        ``input_ids``: the block's tokens, 1-D (or (1, n)), without the sink. The block is read as
+        ``[sink] + input_ids`` (``sink_token_id`` defaults to the model config's ``bos_token_id``) with block ids
+        ``[0, 1, ..., 1]``. Needs ``block_positions='restart'`` and dial 1 in every layer (see
+        :mod:`hf_localist.patch.blockkv`); ``BlockKV.save`` / ``BlockKV.load`` keep it on disk.
+        """
+        self._check_active()
+        return encode_block(self, input_ids, sink_token_id)
+
+    def compose_cache(self, blocks: list[BlockKV], batch_size: int = 1):
+        """A transformers ``DynamicCache`` holding ``[sink] + blocks[0] + ... + blocks[-1]`` at dial 1.
+
+        ``model(input_ids=question_ids, cache=cache)`` and ``model.generate(question_ids, cache=cache)`` then
+        equal the full forward of ``composed_sequence(blocks, question_ids)``: the question's tokens (and what
+        ``generate`` adds) are general (block 0) and see every block. The cache grows with the call: compose a
+        fresh one per prompt (composing is a concatenation). ``batch_size``: rows of questions that share these
+        blocks (for beam search, rows times ``num_beams``).
+        """
+        self._check_active()
+        return compose_cache(self, blocks, batch_size)
 
     # ------------------------------------------------------------------ undo
     def revert(self) -> nn.Module:
