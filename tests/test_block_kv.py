@@ -221,3 +221,21 @@ def test_store_keys_by_model_fingerprint(tmp_path):
     assert doc not in store
     kv = store.get(doc)  # encoded by the other model, not read from the first model's entry
     assert store.stats["encoded"] == 1 and kv.fingerprint != handle.encode_block(doc, sink_token_id=SINK).fingerprint
+
+
+def test_general_block_bias_rescales_the_question_and_stays_exact():
+    model, handle = _model("llama")
+    blocks = [handle.encode_block(d, sink_token_id=SINK) for d in _docs()]
+    question = random_ids(1, 4, seed=9)[0]
+    ids, bids = composed_sequence(blocks, question)
+    with torch.no_grad():
+        plain = model(input_ids=question[None], cache=handle.compose_cache(blocks)).logits
+        handle.update(general_block_bias=-1.5)  # does not change the blocks' keys: the same BlockKVs compose
+        out = model(input_ids=question[None], cache=handle.compose_cache(blocks)).logits
+        ref = model(input_ids=ids, block_ids=bids).logits[:, -4:]
+        zero = model(input_ids=ids, block_ids=bids, localist_alpha=0.0).logits[:, -4:]
+        handle.update(alpha=0.0, general_block_bias=0.0)
+        unmodified = model(input_ids=ids, block_ids=bids).logits[:, -4:]
+    assert (out - ref).abs().max().item() <= 1e-4
+    assert (out - plain).abs().max().item() > 1e-3  # the bias changes the question's logits
+    assert torch.equal(zero, unmodified)  # dial 0 stays the unmodified model

@@ -21,9 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_localist import (
     AutoLocalistModel,
+    BlockKV,
+    BlockKVStore,
     LocalistConfig,
     LocalistLoadError,
     apply_localist,
+    composed_sequence,
     encode_blocks,
     fetch_checkpoint,
 )
@@ -139,6 +142,31 @@ def test_smollm2_dial0_revert_restart_generate_and_reload(smollm2, tmp_path):
             alone = model(input_ids=torch.cat([ids[:, :1], ids[:, start: end + 1]], 1)).logits[:, 1:]
             diff = (out[:, start: end + 1] - alone).abs().max().item()
             assert diff <= 1e-4, diff
+
+
+def test_smollm2_composed_block_cache_equals_the_full_forward(smollm2, tmp_path):
+    """Block-KV reuse on the real weights: 4 passages encoded once, composed, then a question: its logits equal the
+    library's full forward of the same sequence (dial 1, restart) to 1e-4; greedy generation gives the same tokens."""
+    model, tok = _load(smollm2)
+    sink = sink_token_id(tok)
+    handle = apply_localist(model, LocalistConfig(alpha=1.0, block_assignment="explicit", block_positions="restart"))
+    store = BlockKVStore(handle, directory=tmp_path / "kv", sink_token_id=sink)
+    passages = _passages(tok, n=4, tokens=40)
+    question = tok(" Which of these stories is about sports?", add_special_tokens=False)["input_ids"]
+    blocks = [store.get(p) for p in passages]
+    ids, bids = composed_sequence(blocks, question)
+    q = torch.tensor([question])
+    with torch.no_grad():
+        out = model(input_ids=q, cache=store.compose(passages)).logits[0]
+        ref = model(input_ids=ids, block_ids=bids).logits[0, -len(question):]
+    diff = (out - ref).abs().max().item()
+    assert diff <= 1e-4, diff
+    gen = model.generate(q, cache=store.compose(passages), max_new_tokens=8, do_sample=False)
+    full = model.generate(ids, block_ids=bids, max_new_tokens=8, do_sample=False)
+    assert gen[0, -8:].tolist() == full[0, -8:].tolist()
+    assert store.stats["encoded"] == 4  # each passage encoded once across the three compositions
+    back = BlockKV.load(next((tmp_path / "kv").rglob("*.safetensors")))
+    assert back.fingerprint == blocks[0].fingerprint
 
 
 def test_text_helpers_on_the_real_tokenizer(smollm2):

@@ -47,12 +47,13 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)
 
 
-def block_bias(layout: Layout, alpha: float, beta_anchor: float) -> torch.Tensor:
+def block_bias(layout: Layout, alpha: float, beta_anchor: float, general_bias: float = 0.0) -> torch.Tensor:
     """The additive bias of docs/design.md section 3, shape (B, 1, T, S), float32.
 
     z'_ts = z_ts + log(1 - alpha)        key in another block j != b(t), j != 0, not the sink
     z'_ts = z_ts + alpha * beta_anchor    key is an anchor of b(t) (not the sink)
-    queries in block 0 are unbiased. log(1 - 1) = -inf: the hard block mask.
+    z'_ts = z_ts + alpha * general_bias   query in block 0, key in a block j >= 1 (not the sink)
+    other queries in block 0 are unbiased. log(1 - 1) = -inf: the hard block mask.
     """
     qb = layout.q_blocks[:, :, None]  # (B, T, 1)
     kb = layout.k_blocks[:, None, :]  # (B, 1, S)
@@ -64,6 +65,9 @@ def block_bias(layout: Layout, alpha: float, beta_anchor: float) -> torch.Tensor
     if beta_anchor > 0.0 and alpha > 0.0:
         own_anchor = biased_query & (kb == qb) & layout.k_anchor[:, None, :] & not_sink
         bias = bias + own_anchor.float() * (alpha * beta_anchor)
+    if general_bias != 0.0 and alpha > 0.0:
+        # APE-style rescaling (Yang et al., 2025): a general query's weight on every block key times exp(a * g).
+        bias = bias + (~biased_query & (kb >= 1) & not_sink).float() * (alpha * general_bias)
     return bias[:, None]  # (B, 1, T, S)
 
 
@@ -84,10 +88,12 @@ def base_mask_as_float(attention_mask: torch.Tensor | None, layout: Layout, q_le
     return mask.float()
 
 
-def soft_mask(attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int, s: int) -> torch.Tensor:
+def soft_mask(attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int, s: int,
+              general_bias: float = 0.0) -> torch.Tensor:
     """(B, 1, T, S) float32: base mask + block bias. A row without any visible key (a padding query) would give NaN:
     it sees key 0 alone instead (its output is unused; one key, not all, so that its chunk can still skip keys)."""
-    mask = base_mask_as_float(attention_mask, layout, t, s) + block_bias(layout, alpha, beta_anchor)  # (B, 1, T, S)
+    mask = base_mask_as_float(attention_mask, layout, t, s) + block_bias(layout, alpha, beta_anchor,
+                                                                         general_bias)  # (B, 1, T, S)
     dead = torch.isneginf(mask).all(dim=-1, keepdim=True)  # (B, 1, T, 1)
     first = torch.zeros(s, dtype=torch.bool, device=mask.device)
     first[0] = True
@@ -95,20 +101,20 @@ def soft_mask(attention_mask, layout: Layout, alpha: float, beta_anchor: float, 
 
 
 def _cached_soft_mask(cache: dict | None, attention_mask, layout: Layout, alpha: float, beta_anchor: float, t: int,
-                      s: int) -> torch.Tensor:
+                      s: int, general_bias: float = 0.0) -> torch.Tensor:
     """``soft_mask`` through the per-call ``cache`` (one entry). Within one forward call the layout is a function of
     (T, S, causal, device), so a hit needs those, alpha, beta and the very same base-mask tensor at the same version."""
     if cache is None:
-        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
-    key = (alpha, beta_anchor, t, s, layout.causal, layout.q_pos.device, torch.is_inference_mode_enabled())
+        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s, general_bias)
+    key = (alpha, beta_anchor, general_bias, t, s, layout.causal, layout.q_pos.device, torch.is_inference_mode_enabled())
     try:
         version = None if attention_mask is None else attention_mask._version
     except RuntimeError:  # an inference tensor: no version counter, no caching
-        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
+        return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s, general_bias)
     hit = cache.get("soft")
     if hit is not None and hit[0] == key and hit[1] is attention_mask and hit[2] == version:
         return hit[3]
-    mask = soft_mask(attention_mask, layout, alpha, beta_anchor, t, s)
+    mask = soft_mask(attention_mask, layout, alpha, beta_anchor, t, s, general_bias)
     cache["soft"] = (key, attention_mask, version, mask)
     return mask
 
@@ -146,7 +152,7 @@ def _cached_key_extents(cache: dict | None, mask: torch.Tensor, t: int, s: int):
 
 def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: float, beta_anchor: float,
                     scaling: float, dropout: float = 0.0, need_weights: bool = False, softcap: float | None = None,
-                    mask_cache: dict | None = None):
+                    mask_cache: dict | None = None, general_bias: float = 0.0):
     """Reference localist attention: SDPA (or an explicit softmax) with base mask + block bias.
 
     ``mask_cache``: a per-call dict (``CallContext.mask_cache``) through which the layers of one forward call share
@@ -155,7 +161,8 @@ def dense_attention(query, key, value, attention_mask, layout: Layout, alpha: fl
     s = key.shape[2]
     n_rep = h // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    mask = _cached_soft_mask(mask_cache, attention_mask, layout, alpha, beta_anchor, t, s)  # (B, 1, T, S)
+    mask = _cached_soft_mask(mask_cache, attention_mask, layout, alpha, beta_anchor, t, s,
+                             general_bias)  # (B, 1, T, S)
     if not need_weights and softcap is None:
         extents = _cached_key_extents(mask_cache, mask, t, s)
         m = mask.to(query.dtype)

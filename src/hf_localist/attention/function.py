@@ -114,8 +114,9 @@ def _pick_backend(cfg: LocalistConfig, alpha_l: float, need_weights: bool, query
     requested = cfg.backend
     if need_weights:
         return "dense"  # weights (output_attentions, diagnostics) need the full probability matrix
-    if requested in ("segment", "flex") and not hard:
-        return "dense"  # block-sparse backends compute the hard mask only; soft layers need the additive bias
+    if requested in ("segment", "flex", "auto") and (not hard or cfg.general_block_bias != 0.0):
+        # block-sparse backends compute the hard mask only: soft layers and the general-query bias need the additive one
+        return "dense"
     if requested == "flex":
         if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
             raise BackendError(
@@ -199,7 +200,8 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         return flex_attention_hard(query, key, value, attention_mask, layout, scaling, state.config.flex_compile,
                                    softcap=softcap)
     out, weights = dense_attention(query, key, value, attention_mask, layout, alpha_l, beta, scaling, dropout,
-                                   need_weights=need_weights, softcap=softcap, mask_cache=ctx.mask_cache)
+                                   need_weights=need_weights, softcap=softcap, mask_cache=ctx.mask_cache,
+                                   general_bias=state.config.general_block_bias)
     for probe in ctx.probes:
         probe(layer, module, query, key, attention_mask, layout, scaling, alpha_l, out, ctx)
     if recorder is not None:

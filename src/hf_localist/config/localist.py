@@ -94,6 +94,10 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         integer(1, note="need at least one block slot; block 0 is the general block")))
     beta_anchor: float = field(default=0.0, metadata=spec(
         "Anchor bonus: alpha_l * beta_anchor is added to the logits of the query's own anchors (>= 0).", number(0)))
+    general_block_bias: float = field(default=0.0, metadata=spec(
+        "Added (times alpha_l) to the logits of general (block 0) queries for keys inside blocks >= 1, not the sink: "
+        "< 0 lowers the attention a question gives many composed blocks (APE-style; runs the dense backend).",
+        number()))
     block_names: list[str] = field(default_factory=list, metadata=spec(
         "Names of blocks 1..n, in order (set by add_block_tokens).", list_of(text(nonempty=True), distinct=True)))
     anchor_token_ids: list[int] = field(default_factory=list, metadata=spec(
