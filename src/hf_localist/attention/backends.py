@@ -106,7 +106,8 @@ def _cached_soft_mask(cache: dict | None, attention_mask, layout: Layout, alpha:
     (T, S, causal, device), so a hit needs those, alpha, beta and the very same base-mask tensor at the same version."""
     if cache is None:
         return soft_mask(attention_mask, layout, alpha, beta_anchor, t, s, general_bias)
-    key = (alpha, beta_anchor, general_bias, t, s, layout.causal, layout.q_pos.device, torch.is_inference_mode_enabled())
+    key = (alpha, beta_anchor, general_bias, t, s, layout.causal, layout.q_pos.device,
+           torch.is_inference_mode_enabled())
     try:
         version = None if attention_mask is None else attention_mask._version
     except RuntimeError:  # an inference tensor: no version counter, no caching
