@@ -154,8 +154,10 @@ def test_smollm2_composed_block_cache_equals_the_full_forward(smollm2, tmp_path)
     with torch.no_grad():
         out = model(input_ids=q, cache=store.compose(passages)).logits[0]
         ref = model(input_ids=ids, block_ids=bids).logits[0, -len(question):]
+        dial0 = model(input_ids=ids, block_ids=torch.zeros_like(ids), localist_alpha=0.0).logits[0, -len(question):]
     diff = (out - ref).abs().max().item()
     assert diff <= 1e-4, diff
+    assert (out - dial0).abs().max().item() > 1e-2  # the composed blocks are not the plain prefill: not trivial
     gen = model.generate(q, cache=store.compose(passages), max_new_tokens=8, do_sample=False)
     full = model.generate(ids, block_ids=bids, max_new_tokens=8, do_sample=False)
     assert gen[0, -8:].tolist() == full[0, -8:].tolist()
