@@ -239,3 +239,27 @@ def test_general_block_bias_rescales_the_question_and_stays_exact():
     assert (out - ref).abs().max().item() <= 1e-4
     assert (out - plain).abs().max().item() > 1e-3  # the bias changes the question's logits
     assert torch.equal(zero, unmodified)  # dial 0 stays the unmodified model
+
+
+def test_block_order_does_not_change_the_question():
+    model, handle = _model("llama")
+    blocks = [handle.encode_block(d, sink_token_id=SINK) for d in _docs()]
+    question = random_ids(1, 4, seed=3)
+    with torch.no_grad():
+        forward = model(input_ids=question, cache=handle.compose_cache(blocks)).logits
+        backward = model(input_ids=question, cache=handle.compose_cache(blocks[::-1])).logits
+    assert (forward - backward).abs().max().item() <= 1e-5
+
+
+def test_the_howto_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "howto-block-cache.md").read_text()
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "howto-block-cache.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "{'hits': 2, 'disk_hits': 0, 'encoded': 2, 'evicted': 0}" in out
+    diff = float(re.search(r"tensor\(([0-9.e+-]+)", out).group(1))
+    assert diff <= 1e-4
