@@ -15,8 +15,8 @@ Conditions, all scoring the same tokens (nats per token):
 - ``composed``: the documents' keys and values from a :class:`hf_localist.BlockKVStore`, composed; the question and
   continuation read over the composed cache (dial 1, ``block_positions="restart"``);
 - ``no context``: ``[sink] + question + continuation`` (what the documents are worth);
-- ``composed + bias g`` (training-free remedy, APE-style): ``LocalistConfig.general_block_bias = g``, the log-scale of
-  the question's attention to the blocks; g chosen on ``--calibration`` separate samples, reported on the others;
+- ``composed + bias`` (training-free remedy, APE-style): ``LocalistConfig.general_block_bias = g``, the log-scale of
+  the question's attention to the blocks; g chosen per task on ``--calibration`` separate samples (column ``g``);
 - ``composed + LoRA`` (trained remedy, as Block-Attention): a LoRA adapter trained ``--lora_steps`` steps at dial 1
   (restart) on separate training samples of both tasks, loss on the question and continuation tokens; blocks encoded
   again with the adapter. Its ``full dial 0`` is reported too (what the adapter does to the model used normally).
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=16, help="evaluation samples per task and document count")
     p.add_argument("--calibration", type=int, default=6, help="samples per task that choose the bias")
     p.add_argument("--bias_grid", default="-2,-1,-0.5,0.5,1")
-    p.add_argument("--lora_steps", type=int, default=100)
+    p.add_argument("--lora_steps", type=int, default=100, help="0: no LoRA remedy")
     p.add_argument("--lora_lr", type=float, default=5e-4)
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -183,7 +183,7 @@ def main() -> None:
     sink = sink_token_id(tok)
     rng = random.Random(args.seed)
     # Disjoint samples: evaluation first, then calibration, then LoRA training (later rows / later text).
-    evals, calib, train = {}, [], []
+    evals, calib, train = {}, {"recall": [], "continue": []}, []
     for i, n in enumerate(counts):
         n_eval = args.samples
         rec = recall_samples(tok, args.data_dir, n, n_eval + args.calibration, args.continuation, rng,
@@ -191,22 +191,47 @@ def main() -> None:
         shk = continue_samples(tok, args.data_dir, n, n_eval + args.calibration, args.doc_tokens, args.continuation,
                                offset=i * 40000)
         evals[("recall", n)], evals[("continue", n)] = rec[:n_eval], shk[:n_eval]
-        calib += rec[n_eval:] + shk[n_eval:]
+        calib["recall"] += rec[n_eval:]
+        calib["continue"] += shk[n_eval:]
     for i, n in enumerate(counts):
         train += recall_samples(tok, args.data_dir, n, 60, args.continuation, rng, skip=4000 + i * 1000)
         train += continue_samples(tok, args.data_dir, n, 30, args.doc_tokens, args.continuation,
                                   offset=150000 + i * 50000)
     grid = [float(g) for g in args.bias_grid.split(",")] + [0.0]
     store = BlockKVStore(handle, max_bytes=4 << 30, sink_token_id=sink)
-    best, grid_scores = choose_bias(model, handle, store, calib, grid)
-    print(f"bias grid on {len(calib)} calibration samples: {grid_scores} -> g = {best:g}", flush=True)
     results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "bias_grid": grid_scores, "bias": best, "rows": []}
+               "bias_grid": {}, "bias": {}, "rows": []}
+    for task, samples in calib.items():  # the bias is chosen per task, on its calibration samples
+        best, grid_scores = choose_bias(model, handle, store, samples, grid)
+        results["bias_grid"][task], results["bias"][task] = grid_scores, best
+        print(f"{task}: bias grid on {len(samples)} calibration samples: {grid_scores} -> g = {best:g}", flush=True)
     for (task, n), samples in evals.items():
-        row = {"task": task, "docs": n, **evaluate(model, handle, store, sink, samples, bias=best)}
+        row = evaluate(model, handle, store, sink, samples, bias=results["bias"][task])
+        row["composed + bias"] = row.pop(f"composed + bias {results['bias'][task]:g}")
+        row = {"task": task, "docs": n, "g": results["bias"][task], **row}
         results["rows"].append(row)
         print(row, flush=True)
     store.clear()
+    if args.lora_steps:
+        lora_rows(model, handle, sink, train, evals, results, args)
+    results["seconds"] = round(time.time() - t0, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    cols = ["full dial 0", "composed", "composed + bias", "g"]
+    cols += ["composed + LoRA", "LoRA full dial 0"] if args.lora_steps else []
+    cols += ["no context"]
+    print("| task | docs | " + " | ".join(cols) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in cols) + " |")
+    for row in results["rows"]:
+        print(f"| {row['task']} | {row['docs']} | " + " | ".join(f"{row[c]:.3f}" if c != "g" else f"{row[c]:g}"
+                                                                 for c in cols) + " |")
+    print(f"nats per scored token; perplexity = exp; {results['seconds']} s")
+    if args.lora_steps:
+        print(f"LoRA loss {results['lora']['mean_first_10']:.3f} -> {results['lora']['mean_last_10']:.3f}")
+
+
+def lora_rows(model, handle, sink, train, evals, results, args) -> None:
+    """Train the LoRA remedy, then add its composed and dial-0 NLL to every row (blocks encoded again)."""
     peft_model, losses = train_lora(model, sink, train, args.lora_steps, args.lora_lr, args.lora_r, args.seed)
     results["lora"] = {"steps": args.lora_steps, "first_loss": losses[0], "last_loss": losses[-1],
                        "mean_first_10": sum(losses[:10]) / len(losses[:10]), "mean_last_10": sum(losses[-10:]) /
@@ -216,17 +241,6 @@ def main() -> None:
         row["composed + LoRA"] = mean([nll_composed(peft_model, lora_store, *s) for s in samples])
         row["LoRA full dial 0"] = mean([nll_full(peft_model, sink, *s, localist_alpha=0.0) for s in samples])
         print(row, flush=True)
-    results["seconds"] = round(time.time() - t0, 1)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    cols = ["full dial 0", "composed", f"composed + bias {best:g}", "composed + LoRA", "LoRA full dial 0",
-            "no context"]
-    print("| task | docs | " + " | ".join(cols) + " |")
-    print("| --- | ---: | " + " | ".join("---:" for _ in cols) + " |")
-    for row in results["rows"]:
-        print(f"| {row['task']} | {row['docs']} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
-    print(f"nats per scored token; perplexity = exp; {results['seconds']} s; LoRA loss "
-          f"{results['lora']['mean_first_10']:.3f} -> {results['lora']['mean_last_10']:.3f}")
 
 
 if __name__ == "__main__":

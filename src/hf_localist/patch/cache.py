@@ -26,10 +26,16 @@ def cache_arg(bound: dict) -> Any:
 
 
 def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, or None. A ``ModelOutput`` is read as a mapping (its set fields): reading the
+    deprecated ``past_key_values`` attribute when ``cache`` is unset would make transformers log a deprecation."""
     if isinstance(out, tuple):
         return None
+    keys = out.keys() if callable(getattr(out, "keys", None)) else None
     for name in _CACHE_NAMES:
-        value = getattr(out, name, None)
+        if keys is not None:
+            value = out[name] if name in keys else None
+        else:
+            value = out.__dict__.get(name) if hasattr(out, "__dict__") else None
         if value is not None and not isinstance(value, torch.Tensor):
             return value
     return None
