@@ -269,3 +269,36 @@ def test_unpatched_model_left_padding_sanity():
     batch = torch.cat([torch.cat([torch.full((1, P - 5), PAD), a], 1), b])
     out = _gen(model, batch, attention_mask=left_pad_mask(2, P, [P - 5, 0]))
     assert torch.equal(out[0, P:], _gen(model, a)[0, 5:])
+
+
+# ---------------------------------------------------------------------------------------------- block ids vs history
+def test_generate_refuses_block_ids_shorter_than_the_prompt():
+    model = build_model("llama")
+    hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit"))
+    ids = random_ids(1, 8)
+    blocks = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2]])
+    with pytest.raises(hl.BlockIdsError, match="block ids for 3 positions but the prompt has 8"):
+        model.generate(ids, block_ids=blocks[:, :3], max_new_tokens=2, do_sample=False)
+    with pytest.raises(hl.BlockIdsError):  # as the forward does
+        model(ids, block_ids=blocks[:, :3])
+    model.generate(ids, block_ids=blocks, max_new_tokens=2, do_sample=False)  # the whole prompt: accepted
+
+
+def test_block_ids_that_contradict_the_cache_are_refused():
+    model = build_model("llama")
+    hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="explicit"))
+    ids = random_ids(1, 8)
+    blocks = torch.tensor([[0, 1, 1, 1, 2, 2, 2, 2]])
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(ids[:, :6], block_ids=blocks[:, :6], use_cache=True, cache=cache)
+        other = blocks.clone()
+        other[0, 2] = 2  # position 2 was cached as block 1
+        with pytest.raises(hl.BlockIdsError, match="contradict"):
+            model(ids[:, 6:], block_ids=other, cache=cache)
+        with pytest.raises(hl.BlockIdsError, match="length 4"):  # neither the new tokens (2) nor all of them (8)
+            model(ids[:, 6:], block_ids=blocks[:, :4], cache=cache)
+        out = model(ids[:, 6:], block_ids=blocks, cache=cache).logits  # consistent full-length ids: accepted
+    with torch.no_grad():
+        ref = model(ids, block_ids=blocks).logits[:, 6:]
+    assert (out - ref).abs().max().item() <= 1e-4

@@ -112,9 +112,31 @@ class LocalistGenerate(PatchedMethod):
     name = "generate"
 
     def __call__(self, *args: Any, **kwargs: Any):
+        check_prompt_block_ids(args, kwargs)
         composed_prompt_mask(args, kwargs)
         with scoped(self.state, generating=scope_of(self.state).generating + 1):
             return self.original()(*args, **kwargs)
+
+
+def _prompt_ids(args: tuple, kwargs: dict) -> Any:
+    ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids", kwargs.get("inputs"))
+    return ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+
+
+def check_prompt_block_ids(args: tuple, kwargs: dict) -> None:
+    """``generate(ids, block_ids=b)``: ``b`` gives every prompt position its block, as ``model(ids, block_ids=b)``
+    requires (inside generate, shorter block ids mean "the prompt's", so a short ``b`` would go unnoticed)."""
+    ids, blocks = _prompt_ids(args, kwargs), kwargs.get("block_ids")
+    if ids is None or not isinstance(blocks, torch.Tensor) or blocks.dim() != 2:
+        return
+    past = cache_length(cache_arg(kwargs))
+    allowed = (ids.shape[1],) if past == 0 else (ids.shape[1], past + ids.shape[1])
+    if blocks.shape[1] not in allowed:
+        raise BlockIdsError(
+            f"generate(..., block_ids=...) got block ids for {blocks.shape[1]} positions but the prompt has "
+            f"{ids.shape[1]}{f' (after {past} cached)' if past else ''}: pass one block id per prompt token, shape "
+            f"({ids.shape[0]}, {ids.shape[1]})"
+        )
 
 
 def composed_prompt_mask(args: tuple, kwargs: dict) -> None:
@@ -127,8 +149,8 @@ def composed_prompt_mask(args: tuple, kwargs: dict) -> None:
     cache = cache_arg(kwargs)
     if cache is None or getattr(cache, "_localist_continue", None) is None:
         return
-    ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids", kwargs.get("inputs"))
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+    ids = _prompt_ids(args, kwargs)
+    if ids is None:
         return
     past = cache_length(cache)
     mask = kwargs.get("attention_mask")
@@ -183,6 +205,18 @@ def _resolve_alpha(call_alpha: float | None, scoped_alpha: float | None, model_a
     return scoped_alpha if scoped_alpha is not None else model_alpha
 
 
+def _check_history(given: torch.Tensor, history: torch.Tensor, name: str) -> None:
+    """Block ids given again for cached positions must be the ones those positions were computed with."""
+    n = min(given.shape[1], history.shape[1])
+    if not torch.equal(given[:, :n], history[:, :n]):
+        bad = int((given[:, :n] != history[:, :n]).any(dim=0).nonzero()[0, 0])
+        raise BlockIdsError(
+            f"{name} contradict the block ids the KV cache was computed with (first at position {bad}: "
+            f"{given[:, bad].tolist()} vs {history[:, bad].tolist()}): cached keys cannot change block; start from an "
+            "empty cache to use other block ids"
+        )
+
+
 def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block_ids: Any,
                alpha: float | None) -> CallContext:
     """The CallContext of one forward: block ids of every position (cached ones from the cache), targets, sink."""
@@ -221,16 +255,23 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
             raise BlockIdsError(
                 f"the KV cache holds {past_len} positions without block ids: run the prefill through the patched model"
             )
+        if prev is not None:
+            _check_history(prompt, prev.to(device), "generate(..., block_ids=...)")
         if n > past_len:
             known = prompt if prev is None else torch.cat([prev.to(device), prompt[:, past_len:]], dim=1)
         block_ids = None
     if block_ids is not None:
-        if prev is not None and block_ids.shape[-1] < total and block_ids.shape[-1] != new_len \
-                and block_ids.shape[-1] <= past_len \
-                and torch.equal(block_ids.to(prev.device).long(), prev[:, :block_ids.shape[-1]]):
-            block_ids = None  # generate() hands the prompt's block ids again at every step: new tokens continue
+        if prev is not None and isinstance(block_ids, torch.Tensor) and block_ids.dim() == 2 \
+                and block_ids.shape[-1] not in (new_len, total):
+            raise BlockIdsError(
+                f"block_ids of length {block_ids.shape[-1]} with {past_len} cached positions and {new_len} new ones: "
+                f"pass the block ids of the new tokens (shape ({batch}, {new_len})) or of the whole sequence "
+                f"(({batch}, {total})), or none to continue the current block"
+            )
         else:
             block_ids = validate_block_ids(block_ids, "block_ids", batch, (new_len, total), cfg.max_blocks).to(device)
+            if block_ids.shape[1] == total and prev is not None:
+                _check_history(block_ids, prev.to(device), "block_ids")
             if block_ids.shape[1] == total:
                 full = block_ids
             elif prev is None and past_len > 0:
