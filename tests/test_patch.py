@@ -265,3 +265,33 @@ def test_explicit_block_ids_on_inputs_embeds_and_target():
     torch.testing.assert_close(a, b)
     assert torch.equal(a, c)
     assert torch.equal(calls[-1].target_ids, torch.zeros_like(blocks))
+
+
+# ---------------------------------------------------------------------------------------------- handle.assign
+def test_assign_returns_the_layout_of_every_assignment_mode():
+    from helpers import random_ids
+
+    model = build_model("llama")
+    handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, anchor_token_ids=[5, 6], general_token_id=7))
+    ids = torch.tensor([[3, 5, 9, 9, 6, 9, 7, 9]])
+    assert handle.assign(ids).tolist() == [[0, 1, 1, 1, 2, 2, 0, 0]]  # segment: from the anchor tokens
+    with handle.capture_layouts() as calls, torch.no_grad():
+        model(ids)
+    assert torch.equal(handle.assign(ids), calls[-1].block_ids)
+    handle.revert()
+    torch.manual_seed(0)
+    handle = hl.apply_localist(model, hl.LocalistConfig(alpha=1.0, block_assignment="centroid", max_blocks=3,
+                                                        assign_threshold=-1.0, active_blocks=[]))
+    x = random_ids(2, 6)
+    assert handle.assign(x).tolist() == [[0] * 6] * 2  # no active block: every token general
+    hidden = model.config.hidden_size
+    handle.activate_block(1, centroid=torch.randn(hidden))
+    handle.activate_block(2, centroid=torch.randn(hidden))
+    assigned = handle.assign(x)
+    with handle.capture_layouts() as calls, torch.no_grad():
+        model(x)
+    assert torch.equal(assigned, calls[-1].block_ids) and set(assigned.unique().tolist()) <= {0, 1, 2}
+    assert (assigned > 0).any()  # threshold -1: every token joins its nearest active block
+    handle.update(block_assignment="explicit")
+    with pytest.raises(hl.BlockIdsError, match="explicit"):
+        handle.assign(x)

@@ -19,7 +19,7 @@ from ..attention.call import CallContext, scope_of, scoped
 from ..attention.recorder import DiagnosticsRecorder
 from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
-from ..errors import LocalistStateError
+from ..errors import BlockIdsError, LocalistStateError
 from .blockkv import BlockKV, compose_cache, encode_block
 from .forward import PatchedMethod, check_alpha
 from .slots import activate_block, describe_blocks
@@ -110,6 +110,28 @@ class LocalistHandle:
             yield calls
 
     # ------------------------------------------------------------------ blocks
+    @torch.no_grad()
+    def assign(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The (batch, seq) block ids the model uses for these tokens: from the anchor tokens (``segment``), or the
+        assignment at layer ``first_local_layer`` from the hidden states (``centroid``; one forward pass).
+
+        ``explicit`` mode takes its block ids from the caller, so there is nothing to assign: ``BlockIdsError``.
+        Padding positions (``attention_mask == 0``) get the id the layout gives them; they attend to nothing.
+        """
+        self._check_active()
+        if self.config.block_assignment == "explicit":
+            raise BlockIdsError(
+                "handle.assign: block_assignment='explicit' takes block ids from each call (block_ids=...); "
+                "assign() answers for 'segment' (anchor tokens) and 'centroid' (hidden states)"
+            )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else ""
+            raise BlockIdsError(
+                f"handle.assign: input_ids must be a (batch, seq) tensor, got {type(input_ids).__name__}{shape}")
+        with self.capture_layouts() as calls:
+            self.base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return calls[-1].block_ids.clone()
+
     def blocks(self) -> list[dict]:
         """Active blocks: slot, name, anchor, centroid, enabled, and how and when each was recruited."""
         return describe_blocks(self)
