@@ -126,7 +126,7 @@ _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Model config keys that name or place a model without changing what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_attn_implementation",
                          "_attn_implementation_autoset", MODEL_CONFIG_KEY, "architectures", "_commit_hash", "dtype",
-                         "torch_dtype")
+                         "torch_dtype", "use_cache", "output_attentions", "output_hidden_states", "return_dict")
 
 
 def _tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
