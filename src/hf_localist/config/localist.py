@@ -268,6 +268,9 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         def fetch(name: str) -> str | None:
             if os.path.isdir(path_or_id):
                 p = os.path.join(path_or_id, name)
+                if os.path.lexists(p) and not os.path.isfile(p):
+                    raise LocalistLoadError(f"{p!r} is not a regular file (a directory?): remove it and save the "
+                                            "config again")
                 return p if os.path.isfile(p) else None
             try:
                 return cached_file(
@@ -347,10 +350,13 @@ def _read_json(path: str) -> dict[str, Any]:
             data = json.load(fh)
     except FileNotFoundError as e:
         raise LocalistLoadError(f"localist config file {path!r} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LocalistLoadError(
-            f"{path!r} is not valid JSON ({e}): the file is corrupt; re-save it with LocalistConfig.save_pretrained"
-        ) from e
+            f"{path!r} is not valid JSON ({type(e).__name__}: {e}): the file is corrupt; re-save it with "
+            "LocalistConfig.save_pretrained"
+        ) from None
+    except OSError as e:
+        raise LocalistLoadError(f"cannot read the localist config file {path!r} ({e})") from e
     if not isinstance(data, dict):
         raise LocalistLoadError(f"{path!r} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..errors import LocalistConfigError, LocalistError, LocalistLoadError
+from ..savedir import verify_directory
 from . import config as rc
 from . import store as rs
 from .confidence import BASE, calibrate_confidence
@@ -124,20 +125,28 @@ class LocalistRouterModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
                         tokenizer: Any = None, model_kwargs: dict | None = None,
-                        **kwargs: Any) -> "LocalistRouterModel":
+                        allow_local_references: bool = False, **kwargs: Any) -> "LocalistRouterModel":
         """Load a router saved by :meth:`save_pretrained` (a directory or a Hub repo) with its specialists.
-        Router settings (``routing``, ``routing_k``, ``max_loaded_specialists``, ...) may be overridden by keyword."""
+        Router settings (``routing``, ``routing_k``, ``max_loaded_specialists``, ...) may be overridden by keyword.
+
+        A saved config can name any local directory as a ``reference`` (the default of ``save_pretrained``): such
+        entries load only with ``allow_local_references=True`` (you trust the directory the router came from), and
+        never for a router fetched from the Hub. References to Hub ids and copies inside the router directory
+        (``copy_specialists=True``) need no opt-in."""
         path = os.fspath(pretrained_model_name_or_path)
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        if os.path.isdir(path):
+        fetched = not os.path.isdir(path)
+        if not fetched:
             root = path
+            verify_directory(root)  # a killed or tampered save is refused naming the file (savedir.py)
         elif os.path.isabs(path) or path.startswith("."):
             raise LocalistLoadError(f"no saved router at {path!r}: the directory does not exist")
         else:
             try:
                 root = snapshot_download(path, **hub)
             except Exception as e:  # noqa: BLE001
-                raise LocalistLoadError(f"cannot fetch the router repo {path!r} ({type(e).__name__}: {e})") from e
+                raise LocalistLoadError(f"cannot fetch the router repo {path!r} ({type(e).__name__}: {e}); the Hub "
+                                        "is unreachable from here, or the repo does not exist") from e
         raw = rc.read_json(os.path.join(root, "config.json"), f"router {path!r}")
         if raw.get("model_type") != LocalistRouterConfig.model_type:
             raise LocalistLoadError(f"{path!r} is a {raw.get('model_type')!r} checkpoint, not a LocalistRouterModel "
@@ -147,10 +156,23 @@ class LocalistRouterModel(PreTrainedModel):
             config = LocalistRouterConfig.from_pretrained(root)
         for key in [k for k in kwargs if k in rc.OVERRIDABLE]:  # e.g. routing="soft", max_loaded_specialists=2
             setattr(config, key, kwargs.pop(key))
-        # Refuse escaping paths before any weight is read.
-        resolve_entry_path(root, "the base model", config.base_model_path, config.base_source)
-        for name, entry in config.specialists.items():
-            resolve_entry_path(root, f"specialist {name!r}", entry["path"], entry.get("source", "reference"))
+        # Refuse escaping paths (and, unless allowed, references to local directories) before any weight is read.
+        entries = [("the base model", config.base_model_path, config.base_source)]
+        entries += [(f"specialist {n!r}", e["path"], e.get("source", "reference"))
+                    for n, e in config.specialists.items()]
+        for what, entry_path, source in entries:
+            if source == "reference" and rc.is_local_reference(entry_path):
+                if fetched:
+                    raise LocalistLoadError(
+                        f"{what}: the router fetched from the Hub ({path!r}) refers to the local path {entry_path!r}; "
+                        "a Hub router may only refer to Hub ids or to copies inside its repo")
+                if not allow_local_references:
+                    raise LocalistLoadError(
+                        f"{what}: the saved router {path!r} refers to the local directory {entry_path!r} (source "
+                        "'reference'); load it with LocalistRouterModel.from_pretrained(..., "
+                        "allow_local_references=True) if you trust that directory, or save the router with "
+                        "save_pretrained(..., copy_specialists=True) to make it self-contained")
+            resolve_entry_path(root, what, entry_path, source)
         kwargs.pop("use_safetensors", None)
         try:
             model = super().from_pretrained(root, *model_args, config=config, use_safetensors=True, **kwargs)
@@ -312,10 +334,17 @@ class LocalistRouterModel(PreTrainedModel):
         mode, k = self._mode(routing, routing_k)
         m = len(self.specialist_names)
         if router_probs is not None:
-            if router_probs.shape != (input_ids.shape[0], m):
-                raise LocalistConfigError(f"router_probs has shape {tuple(router_probs.shape)}, expected "
-                                          f"{(input_ids.shape[0], m)} (batch, specialists)")
-            logits = router_probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+            if not torch.is_tensor(router_probs) or router_probs.shape != (input_ids.shape[0], m):
+                shape = tuple(getattr(router_probs, "shape", ()))
+                raise LocalistConfigError(f"router_probs has shape {shape}, expected {(input_ids.shape[0], m)} "
+                                          "(batch, specialists)")
+            probs_in = router_probs.float()
+            if not bool(torch.isfinite(probs_in).all()) or bool((probs_in < 0).any()) \
+                    or bool((probs_in.sum(-1) <= 0).any()):
+                raise LocalistConfigError(
+                    "router_probs must be finite and >= 0 with a positive sum per input (they are renormalised); got "
+                    f"{router_probs.tolist() if router_probs.numel() <= 16 else 'NaN, infinite or negative values'}")
+            logits = probs_in.clamp_min(torch.finfo(torch.float32).tiny).log()
         else:
             logits = self.router_logits_from_features(self.pooled_features(input_ids, attention_mask, position_ids))
         log_probs = logits.log_softmax(-1)

@@ -1,0 +1,143 @@
+"""Issue 15 (hardening): no stale state in re-saved checkpoints, bad files and bad inputs refused with the project's
+errors, validation that cannot be bypassed, router inputs and references checked, no deprecation warning from our
+own code, a CLI that answers in one line. Kills and corruption of every file: tests/test_fault_injection.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers import build_model, random_ids
+
+import hf_localist as hl
+from hf_localist import savedir
+from hf_localist.patch.persistence import BLOCKS_FILE, STATE_FILE
+
+
+def _with_blocks(seed: int = 0, **config):
+    model = build_model("llama", seed=seed)
+    handle = hl.apply_localist(model, hl.LocalistConfig(block_assignment="centroid", active_blocks=[], **config))
+    torch.manual_seed(seed)
+    handle.activate_block(1, centroid=torch.randn(32))
+    handle.activate_block(2, centroid=torch.randn(32))
+    return model, handle
+
+
+# ---------------------------------------------------------------------------------------------- finding 1
+def test_resaving_a_block_less_model_removes_the_old_state(tmp_path):
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path)
+    assert {STATE_FILE, BLOCKS_FILE} <= set(os.listdir(tmp_path))
+    other = build_model("llama", seed=1)
+    hl.apply_localist(other, hl.LocalistConfig(block_assignment="centroid", active_blocks=[], max_blocks=4))
+    other.save_pretrained(tmp_path)
+    assert not {STATE_FILE, BLOCKS_FILE} & set(os.listdir(tmp_path))
+    again = hl.AutoLocalistModel.from_pretrained(tmp_path).localist_handle
+    assert again.config.active_blocks == [] and again.config.max_blocks == 4
+
+
+def test_unsharded_save_after_a_sharded_one_removes_the_shards(tmp_path):
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = [n for n in os.listdir(tmp_path) if n.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in os.listdir(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # a file the model save does not own stays
+    model.save_pretrained(tmp_path)
+    left = set(os.listdir(tmp_path))
+    assert not [n for n in left if n.startswith("model-")] and "model.safetensors.index.json" not in left
+    assert {"model.safetensors", "tokenizer_config.json"} <= left
+    hl.AutoLocalistModel.from_pretrained(tmp_path)
+
+
+def test_resaving_a_router_with_fewer_specialists_removes_their_copies(zoo, tmp_path):
+    from hf_localist import LocalistRouterModel
+
+    full = LocalistRouterModel.from_specialists(zoo.paths["base"], {n: zoo.paths[n] for n in ("alpha", "beta")})
+    full.save_pretrained(tmp_path, copy_specialists=True)
+    assert sorted(os.listdir(tmp_path / "specialists")) == ["alpha", "beta"]
+    fewer = LocalistRouterModel.from_specialists(zoo.paths["base"], {"alpha": zoo.paths["alpha"]})
+    fewer.save_pretrained(tmp_path, copy_specialists=True)
+    assert os.listdir(tmp_path / "specialists") == ["alpha"]
+    fewer.save_pretrained(tmp_path)  # references now: the copies and base/ are stale too
+    assert not os.path.exists(tmp_path / "specialists") and not os.path.exists(tmp_path / "base")
+    again = LocalistRouterModel.from_pretrained(tmp_path, allow_local_references=True)
+    assert again.specialist_names == ["alpha"]
+
+
+# ---------------------------------------------------------------------------------------------- finding 3
+def test_a_missing_state_file_is_refused_even_without_a_manifest(tmp_path):
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path)
+    (tmp_path / STATE_FILE).unlink()
+    with pytest.raises(hl.LocalistLoadError, match=f"{STATE_FILE}' is missing"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path)
+    (tmp_path / savedir.MANIFEST_NAME).unlink()  # an unchecked directory: the block record still says it is gone
+    with pytest.raises(hl.LocalistLoadError, match=f"{STATE_FILE}' is missing, but {BLOCKS_FILE} says"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path)
+
+
+def test_nan_centroids_are_refused_from_activate_block_and_from_the_state_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, handle = _with_blocks()
+    with pytest.raises(hl.LocalistConfigError, match="NaN or infinite"):
+        handle.activate_block(3, centroid=torch.full((32,), float("nan")))
+    assert handle.config.active_blocks == [1, 2]
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / STATE_FILE)
+    tensors["centroids"][1, 0] = float("nan")
+    save_file(tensors, tmp_path / STATE_FILE)
+    (tmp_path / savedir.MANIFEST_NAME).unlink()
+    with pytest.raises(hl.LocalistLoadError, match="centroids holds NaN"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path)
+
+
+def test_corrupt_weights_name_the_file_without_a_manifest(tmp_path):
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path)
+    (tmp_path / savedir.MANIFEST_NAME).unlink()
+    (tmp_path / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(hl.LocalistLoadError, match="model.safetensors"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path)
+
+
+def test_saving_onto_an_existing_file_is_a_load_error(tmp_path):
+    model, _ = _with_blocks()
+    target = tmp_path / "afile"
+    target.write_text("x")
+    with pytest.raises(hl.LocalistLoadError, match="afile.*is a file"):
+        model.save_pretrained(target)
+    assert target.read_text() == "x"
+
+
+def test_deeply_nested_or_directory_json_is_a_load_error(tmp_path):
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "localist_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(hl.LocalistLoadError, match="localist_config.json.*not valid JSON"):
+        hl.LocalistConfig.from_pretrained(tmp_path / "deep")
+    (tmp_path / "dir" / "localist_config.json").mkdir(parents=True)
+    with pytest.raises(hl.LocalistLoadError, match="localist_config.json' is not a regular file"):
+        hl.LocalistConfig.from_pretrained(tmp_path / "dir")
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / savedir.MANIFEST_NAME).unlink()
+    (tmp_path / "m" / BLOCKS_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(hl.LocalistLoadError, match=f"{BLOCKS_FILE}' is corrupt"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / savedir.MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(hl.LocalistLoadError, match=f"{savedir.MANIFEST_NAME}' is not a readable"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path / "m")
+
+
+def test_manifest_lists_every_file_the_save_wrote(tmp_path):
+    model, _ = _with_blocks()
+    model.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / savedir.MANIFEST_NAME).read_text())
+    assert manifest["state"] == "complete"
+    assert sorted(manifest["files"]) == sorted(n for n in os.listdir(tmp_path) if n != savedir.MANIFEST_NAME)
+    assert savedir.verify_directory(str(tmp_path)) == sorted(manifest["files"])
+    x = random_ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(hl.AutoLocalistModel.from_pretrained(tmp_path)(x).logits, model(x).logits)
