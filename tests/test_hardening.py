@@ -141,3 +141,69 @@ def test_manifest_lists_every_file_the_save_wrote(tmp_path):
     x = random_ids(1, 6)
     with torch.no_grad():
         torch.testing.assert_close(hl.AutoLocalistModel.from_pretrained(tmp_path)(x).logits, model(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------- finding 4
+def test_a_refused_activate_block_changes_nothing():
+    model, handle = _with_blocks()
+    before = handle.state.centroids.clone()
+    x = random_ids(1, 6)
+    with torch.no_grad():
+        ref = model(x).logits
+    for bad in (torch.randn(16), torch.randn(2, 32), torch.randint(0, 3, (32,)), [0.0] * 32):
+        with pytest.raises(hl.LocalistConfigError, match="activate_block: centroid"):
+            handle.activate_block(3, centroid=bad)
+    with pytest.raises(hl.LocalistConfigError, match="enabled"):
+        handle.activate_block(3, centroid=torch.randn(32), enabled="yes")
+    with pytest.raises(hl.LocalistStateError, match="needs calibrated subspaces"):
+        handle.activate_block(3, centroid=torch.randn(32), subspace=torch.randn(2, 32, 4))
+    assert torch.equal(handle.state.centroids, before) and handle.config.active_blocks == [1, 2]
+    assert 3 not in handle.state.block_info
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ref)
+    handle.activate_block(3, centroid=torch.randn(32))  # the slot is still free
+    assert handle.config.active_blocks == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------- finding 5
+def test_config_fields_cannot_be_bypassed():
+    _, handle = _with_blocks()
+    cfg = handle.config
+    with pytest.raises(hl.LocalistConfigError, match="cannot change in place"):
+        cfg.block_names.append("a")
+    with pytest.raises(hl.LocalistConfigError, match="cannot change in place"):
+        cfg.active_blocks[0] = 5
+    assert cfg.active_blocks == [1, 2]
+    with pytest.raises(hl.LocalistConfigError, match="did you mean 'alpha'"):
+        cfg.alfa = 0.3
+    with pytest.raises(hl.LocalistConfigError, match="did you mean 'alpha'"):
+        hl.LocalistConfig(alfa=0.3)
+    with pytest.raises(hl.LocalistConfigError, match="unknown RecruitmentConfig"):
+        hl.RecruitmentConfig(bogus_field=1)
+
+
+def test_model_type_and_num_layers_stay_those_of_the_model():
+    model, handle = _with_blocks()
+    with pytest.raises(hl.LocalistConfigError, match="'gpt2'.*'llama' with 2 attention layers"):
+        handle.update(model_type="gpt2")
+    with pytest.raises(hl.LocalistConfigError, match="num_layers=8"):
+        handle.update(num_layers=8, first_local_layer=5)
+    with pytest.raises(hl.LocalistConfigError, match="num_layers=8"):
+        handle.config.num_layers = 8
+    assert (handle.config.model_type, handle.config.num_layers, handle.config.first_local_layer) == ("llama", 2, 0)
+    # the model's copy is bound, a copy made for another model is not
+    other = build_model("gpt2")
+    hl.apply_localist(other, handle.config.copy(model_type=None, num_layers=None))
+    assert other.localist_handle.config.model_type == "gpt2"
+
+
+def test_anchor_token_ids_beyond_the_vocabulary_are_refused():
+    model = build_model("llama")
+    with pytest.raises(hl.LocalistConfigError, match=r"\[500\].*vocabulary of 100"):
+        hl.apply_localist(model, hl.LocalistConfig(anchor_token_ids=[500], block_names=["a"]))
+    handle = hl.apply_localist(model, hl.LocalistConfig(anchor_token_ids=[50], block_names=["a"]))
+    with pytest.raises(hl.LocalistConfigError, match=r"\[100\]"):
+        handle.update(general_token_id=100)
+    assert handle.config.general_token_id is None
+    model.resize_token_embeddings(120)  # the live vocabulary counts
+    handle.update(anchor_token_ids=[110], block_names=["a"])

@@ -29,7 +29,7 @@ from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
 from ..savedir import check_save_target, commit_directory, model_file, staging_directory
 from .forward import LocalistForward, LocalistGenerate, PatchedMethod
-from .handle import LocalistHandle
+from .handle import LocalistHandle, check_token_ids, vocabulary_size
 from .persistence import save_localist_state
 from .slots import CentroidAssignHook
 
@@ -80,8 +80,10 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
             f"LocalistConfig.model_type={config.model_type!r} but the model is {spec.model_type!r}: "
             "build the config for this model (LocalistConfig.from_pretrained(model_path))"
         )
-    # Validated together (first_local_layer < number of layers); a rejected config is left unchanged.
-    config.update(model_type=spec.model_type, num_layers=len(modules))
+    # Validated together (first_local_layer < number of layers); a rejected config is left unchanged. Bound: a
+    # later handle.update(model_type=..., num_layers=...) that contradicts the model is refused.
+    config.bind_to_model(spec.model_type, len(modules))
+    check_token_ids(config, vocabulary_size(base))
     _warn_if_no_block_can_start(config)
 
     register_attention_key()
@@ -154,3 +156,4 @@ class LocalistSave(PatchedMethod):
         if push:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             base.push_to_hub(repo_id, **hub_kwargs)
+
