@@ -25,7 +25,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedConfig
 from transformers.utils import ModelOutput, cached_file
@@ -294,7 +294,9 @@ def detect_kind(path: str, what: str) -> str:
         try:
             cached_file(path, "config.json")
         except OSError as e:
-            if isinstance(e.__cause__, (EntryNotFoundError, RepositoryNotFoundError)):
+            cause = e.__cause__
+            if isinstance(cause, (EntryNotFoundError, RepositoryNotFoundError)) \
+                    and not isinstance(cause, LocalEntryNotFoundError):  # (offline: "not in the cache")
                 raise LocalistLoadError(f"{what}: the Hub repo {path!r} does not exist or holds neither config.json "
                                         f"nor {ADAPTER_CONFIG}") from e
             raise LocalistLoadError(f"{what}: the Hub repo {path!r} is unreachable from here and not in the local "

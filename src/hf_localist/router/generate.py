@@ -4,6 +4,7 @@ of the prompt (``RoutingDecision``); ``model_of(m)`` returns specialist ``m`` as
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -13,6 +14,34 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """float32 for half-precision logits; float32 / float64 stay as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def to_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompts moved to left padding (real tokens last, in order): a decoder continues a prompt from its
+    last position, which for a right-padded row is padding (the shorter prompt got a wrong continuation)."""
+    if mask.shape[1] == 0 or bool((mask[:, -1] != 0).all()):
+        return ids, mask
+    order = torch.argsort((mask != 0).to(torch.int8), dim=1, stable=True)  # pads first, both groups keep their order
+    return ids.gather(1, order), mask.gather(1, order)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which ``model``'s forward takes the KV cache: ``cache`` since transformers 5.24 (where
+    ``past_key_values`` is deprecated), else ``past_key_values``."""
+    forward = getattr(model, "forward", None)
+    if forward is None:  # BaseOnly: the pool's base model
+        forward = getattr(getattr(getattr(model, "pool", None), "base", None), "forward", None)
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output, read by its current name first (the old one logs a deprecation)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def generate_hard(model_of: Callable[[int], Any], d, ids, mask, pos, opts: dict) -> torch.Tensor:
@@ -57,8 +86,8 @@ def generate_mixture(model_of: Callable[[int], Any], d, ids, mask, pos, opts: di
         for m, (rows, log_w, cache) in state.items():
             model = model_of(m)
             out = model(input_ids=step_ids[rows], attention_mask=mask[rows], position_ids=step_pos[rows],
-                        past_key_values=cache, use_cache=True)
-            state[m][2] = out.past_key_values
+                        use_cache=True, **{cache_kwarg(model): cache})
+            state[m][2] = output_cache(out)
             lp = upcast(out.logits[:, -1]).log_softmax(-1) + log_w[:, None]
             mixed = lp.new_full((ids.shape[0], lp.shape[-1]), -torch.inf) if mixed is None else mixed
             mixed = mixed.index_copy(0, rows, torch.logaddexp(mixed[rows], lp))

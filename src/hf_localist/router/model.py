@@ -40,7 +40,7 @@ from .config import (
     RoutingDecision,
     resolve_entry_path,
 )
-from .generate import generate_hard, generate_mixture
+from .generate import generate_hard, generate_mixture, to_left_padding
 from .generate import upcast as _upcast
 from .recruit import domain_entropy, fit_router, init_router_from_prompts, recruit_specialist
 
@@ -441,7 +441,8 @@ class LocalistRouterModel(PreTrainedModel):
                  routing: str | None = None, routing_k: int | None = None, route_to: Any = None,
                  router_probs: torch.Tensor | None = None, return_dict_in_generate: bool = False,
                  confidence_threshold: float | None = None, **gen_kwargs: Any):
-        """Route once on the prompt (left-pad batches), then decode with the KV cache. hard: each group of inputs
+        """Route once on the prompt, then decode with the KV cache (right-padded prompts are moved to left padding
+        first, so the returned prompts are left-padded). hard: each group of inputs
         runs its specialist's own ``generate``; soft / top_k: a mixture loop with one cache per specialist.
         Accepts ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
         ``pad_token_id``. Returns the sequences (B, prompt + new), or a LocalistRouterGenerateOutput."""
@@ -455,7 +456,8 @@ class LocalistRouterModel(PreTrainedModel):
         opts.update(gen_kwargs)
         if opts["pad_token_id"] is None:
             opts["pad_token_id"] = self._pool.base.config.get_text_config().pad_token_id or 0
-        ids, mask, pos = self._prepare(input_ids, attention_mask, None)
+        ids, mask = to_left_padding(*self._prepare(input_ids, attention_mask, None)[:2])  # returned left-padded
+        ids, mask, pos = self._prepare(ids, mask, None)  # positions of the left-padded layout
         d = self.route(ids, mask, routing=routing, routing_k=routing_k, route_to=route_to, router_probs=router_probs,
                        position_ids=pos, confidence_threshold=confidence_threshold)
         used = d.chosen.unique().tolist()
