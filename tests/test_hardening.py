@@ -330,3 +330,70 @@ def test_localist_forwards_cause_no_deprecation(model_type, deprecations):
     with torch.no_grad():
         model(x, block_ids=torch.zeros_like(x), **kw)
     assert not deprecations
+
+
+# ---------------------------------------------------------------------------------------------- finding 11
+def _one_line_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]  # (transformers may draw a progress bar before it)
+    assert "error:" in last and needle in last, err
+    return last
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["demo", "--threads", "0"], "--threads: expected an integer >= 1"),
+    (["demo", "--steps", "0"], "--steps: expected an integer >= 1"),
+    (["apply", "--bogus_flag"], "the following arguments are required"),
+    (["inspect", "--model_dir", "m", "--text_file", "t", "--max_length", "0"], "--max_length"),
+    (["apply", "--model_dir", "m", "--output_dir", "o", "--alpha", "2"], "LocalistConfig.alpha=2.0 is invalid"),
+])
+def test_cli_usage_errors_exit_2_with_one_line(argv, needle, capsys):
+    from hf_localist import cli
+
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own exit
+        rc = e.code
+    assert rc == 2
+    _one_line_error(capsys, needle)
+
+
+def test_cli_train_with_an_unknown_flag_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from hf_localist import cli
+
+    script = tmp_path / "examples" / "train_localist.py"
+    script.parent.mkdir()
+    script.write_text("from dataclasses import dataclass\nfrom transformers import HfArgumentParser\n"
+                      "@dataclass\nclass A:\n    quick: bool = False\n"
+                      "def main(argv=None):\n    HfArgumentParser(A).parse_args_into_dataclasses(args=argv)\n")
+    monkeypatch.setenv(cli.REPO_ENV, str(tmp_path))
+    assert cli.main(["train", "--bogus_flag"]) == 2
+    _one_line_error(capsys, "--bogus_flag")
+
+
+def test_cli_user_errors_exit_1_with_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    from hf_localist import cli
+
+    model = build_model("llama")
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage" * 10)
+    out = str(tmp_path / "o")
+    assert cli.main(["apply", "--model_dir", str(tmp_path / "m"), "--output_dir", out]) == 1
+    _one_line_error(capsys, "model.safetensors")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["demo", "--quick", "--output_dir", str(afile)]) == 1
+    _one_line_error(capsys, "is a file")
+    assert cli.main(["inspect", "--model_dir", str(tmp_path / "m"), "--text_file", str(tmp_path)]) == 1
+    _one_line_error(capsys, "is a directory")
+    good = build_model("llama")
+    good.save_pretrained(tmp_path / "good")
+    if os.path.isdir("/proc"):  # not writable, even for root
+        assert cli.main(["apply", "--model_dir", str(tmp_path / "good"), "--output_dir", "/proc/x"]) == 1
+        _one_line_error(capsys, "/proc")
+    with pytest.raises(hl.LocalistLoadError):
+        cli.main(["--debug", "apply", "--model_dir", str(tmp_path / "m"), "--output_dir", out])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(hl.LocalistLoadError):
+        cli.main(["apply", "--model_dir", str(tmp_path / "m"), "--output_dir", out])

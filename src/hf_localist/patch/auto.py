@@ -74,7 +74,7 @@ class AutoLocalistModel:
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             if isinstance(e, LocalistLoadError):
                 raise
-            raise LocalistLoadError(f"cannot load the model weights at {_weights_named(path_or_id, e)} "
+            raise LocalistLoadError(f"cannot load the model weights at {failing_weights_file(path_or_id)} "
                                     f"({type(e).__name__}: {e}): the checkpoint is corrupt or incomplete; save it "
                                     "again") from e
         handle = apply_localist(model, localist_config)
@@ -83,7 +83,7 @@ class AutoLocalistModel:
         return model
 
 
-def _weights_named(path: str, error: Exception) -> str:
+def failing_weights_file(path: str) -> str:
     """The weight file of a failed load, for the message: the first local safetensors file whose header cannot be
     read, else the directory (or Hub id)."""
     if os.path.isdir(path):
