@@ -397,3 +397,32 @@ def test_cli_user_errors_exit_1_with_one_line_and_debug_shows_the_traceback(tmp_
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(hl.LocalistLoadError):
         cli.main(["apply", "--model_dir", str(tmp_path / "m"), "--output_dir", out])
+
+
+@pytest.mark.parametrize("routing", ["hard", "soft"])
+def test_router_generate_takes_transformers_generation_arguments(zoo, routing):
+    from helpers import make_router
+    from transformers import GenerationConfig
+
+    router = make_router(zoo, routing)
+    x = random_ids(2, 5, seed=4)
+    route = {"route_to": ["alpha", "alpha"]} if routing == "hard" else {
+        "router_probs": torch.tensor([[1.0, 0.0, 0.0]] * 2)}  # soft with all weight on alpha = alpha alone
+    # hard: transformers' own loop on the specialist, so exactly the specialist's generate; soft: the penalty acts on
+    # the mixture's log-probabilities (there are no raw logits), so the same rule on other scores
+    penalised = zoo.alone["alpha"].generate(x, max_new_tokens=6, repetition_penalty=1.5, do_sample=False,
+                                            pad_token_id=0)
+    out = router.generate(x, max_new_tokens=6, repetition_penalty=1.5, **route)
+    if routing == "hard":
+        assert out.tolist() == penalised.tolist()
+    plain = zoo.alone["alpha"].generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert router.generate(x, max_new_tokens=6, **route).tolist() == plain.tolist()
+    cfg = GenerationConfig(max_new_tokens=6, repetition_penalty=1.5, do_sample=False, pad_token_id=0)
+    assert router.generate(x, generation_config=cfg, **route).tolist() == out.tolist()
+    if routing == "hard":  # transformers' own loop: any of its arguments
+        router.generate(x, max_new_tokens=3, num_beams=2, no_repeat_ngram_size=2, **route)
+    else:
+        with pytest.raises(hl.LocalistConfigError, match=r"soft routing.*\['num_beams'\]"):
+            router.generate(x, max_new_tokens=3, num_beams=2, **route)
+        with pytest.raises(hl.LocalistConfigError, match=r"generation_config sets \['num_beams'\]"):
+            router.generate(x, generation_config=GenerationConfig(num_beams=2), **route)

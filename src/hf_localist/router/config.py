@@ -231,6 +231,28 @@ def resolve_entry_path(root: str | None, what: str, path: str, source: str) -> s
     return path
 
 
+def check_entry_paths(config: LocalistRouterConfig, root: str, path: str, fetched: bool,
+                      allow_local_references: bool) -> None:
+    """Refuse, before anything is loaded, every entry of a saved router that escapes its directory, and
+    ``reference`` entries naming local directories unless ``allow_local_references`` (never for a router fetched
+    from the Hub: its config must not make this machine read an arbitrary local directory)."""
+    entries = [("the base model", config.base_model_path, config.base_source)]
+    entries += [(f"specialist {n!r}", e["path"], e.get("source", "reference")) for n, e in config.specialists.items()]
+    for what, entry_path, source in entries:
+        if source == "reference" and is_local_reference(entry_path):
+            if fetched:
+                raise LocalistLoadError(
+                    f"{what}: the router fetched from the Hub ({path!r}) refers to the local path {entry_path!r}; "
+                    "a Hub router may only refer to Hub ids or to copies inside its repo")
+            if not allow_local_references:
+                raise LocalistLoadError(
+                    f"{what}: the saved router {path!r} refers to the local directory {entry_path!r} (source "
+                    "'reference'); load it with LocalistRouterModel.from_pretrained(..., allow_local_references=True) "
+                    "if you trust that directory, or save the router with save_pretrained(..., copy_specialists=True) "
+                    "to make it self-contained")
+        resolve_entry_path(root, what, entry_path, source)
+
+
 def is_local_reference(path: str) -> bool:
     """Whether a ``reference`` entry names a local directory (an absolute path) rather than a Hub id."""
     return os.path.isabs(path) or path.startswith(("~", "\\")) or bool(re.match(r"^[A-Za-z]:", path))

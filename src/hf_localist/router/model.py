@@ -40,14 +40,13 @@ from .config import (
     RoutingDecision,
     resolve_entry_path,
 )
-from .generate import generate_hard, generate_mixture, to_left_padding
+from .generate import generate_hard, generate_mixture, generation_options, to_left_padding
 from .generate import upcast as _upcast
 from .recruit import domain_entropy, fit_router, init_router_from_prompts, recruit_specialist
 
 logger = logging.getLogger(__name__)
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
-_GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 
 
 class LocalistRouterModel(PreTrainedModel):
@@ -157,22 +156,7 @@ class LocalistRouterModel(PreTrainedModel):
         for key in [k for k in kwargs if k in rc.OVERRIDABLE]:  # e.g. routing="soft", max_loaded_specialists=2
             setattr(config, key, kwargs.pop(key))
         # Refuse escaping paths (and, unless allowed, references to local directories) before any weight is read.
-        entries = [("the base model", config.base_model_path, config.base_source)]
-        entries += [(f"specialist {n!r}", e["path"], e.get("source", "reference"))
-                    for n, e in config.specialists.items()]
-        for what, entry_path, source in entries:
-            if source == "reference" and rc.is_local_reference(entry_path):
-                if fetched:
-                    raise LocalistLoadError(
-                        f"{what}: the router fetched from the Hub ({path!r}) refers to the local path {entry_path!r}; "
-                        "a Hub router may only refer to Hub ids or to copies inside its repo")
-                if not allow_local_references:
-                    raise LocalistLoadError(
-                        f"{what}: the saved router {path!r} refers to the local directory {entry_path!r} (source "
-                        "'reference'); load it with LocalistRouterModel.from_pretrained(..., "
-                        "allow_local_references=True) if you trust that directory, or save the router with "
-                        "save_pretrained(..., copy_specialists=True) to make it self-contained")
-            resolve_entry_path(root, what, entry_path, source)
+        rc.check_entry_paths(config, root, path, fetched, allow_local_references)
         kwargs.pop("use_safetensors", None)
         try:
             model = super().from_pretrained(root, *model_args, config=config, use_safetensors=True, **kwargs)
@@ -444,18 +428,13 @@ class LocalistRouterModel(PreTrainedModel):
         """Route once on the prompt, then decode with the KV cache (right-padded prompts are moved to left padding
         first, so the returned prompts are left-padded). hard: each group of inputs
         runs its specialist's own ``generate``; soft / top_k: a mixture loop with one cache per specialist.
-        Accepts ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``pad_token_id``. Returns the sequences (B, prompt + new), or a LocalistRouterGenerateOutput."""
-        unknown = sorted(set(gen_kwargs) - set(_GEN_KEYS))
-        if unknown:
-            raise LocalistConfigError(f"generate() got unsupported argument(s) {unknown}; supported: {list(_GEN_KEYS)}")
-        gcfg = getattr(self._pool.base, "generation_config", None)
-        opts = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
-                "eos_token_id": getattr(gcfg, "eos_token_id", None),
-                "pad_token_id": getattr(gcfg, "pad_token_id", None)}
-        opts.update(gen_kwargs)
-        if opts["pad_token_id"] is None:
-            opts["pad_token_id"] = self._pool.base.config.get_text_config().pad_token_id or 0
+        hard routing passes every transformers generation argument (``generation_config=``, ``repetition_penalty``,
+        logits processors, stopping criteria, ...) to each specialist's own ``generate``; the mixture loop takes
+        ``generation_config=`` and ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``pad_token_id``, ``repetition_penalty``. Returns the sequences (B, prompt + new), or a
+        LocalistRouterGenerateOutput."""
+        mode = "hard" if route_to is not None else self._mode(routing, routing_k)[0]
+        opts = generation_options(mode, self._pool.base, gen_kwargs)
         ids, mask = to_left_padding(*self._prepare(input_ids, attention_mask, None)[:2])  # returned left-padded
         ids, mask, pos = self._prepare(ids, mask, None)  # positions of the left-padded layout
         d = self.route(ids, mask, routing=routing, routing_k=routing_k, route_to=route_to, router_probs=router_probs,
