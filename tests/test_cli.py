@@ -75,10 +75,10 @@ def test_apply_bad_values_exit_2_with_one_line(model_dir, tmp_path, capsys, argv
     assert last.startswith("hf-localist apply: error:") and needle in last
 
 
-def test_missing_model_dir_exits_2(tmp_path, capsys, text_file):
-    assert cli.main(["apply", "--model_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
+def test_missing_model_dir_exits_1(tmp_path, capsys, text_file):
+    assert cli.main(["apply", "--model_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 1
     assert "is not a directory" in capsys.readouterr().err
-    assert cli.main(["inspect", "--model_dir", str(tmp_path / "nope"), "--text_file", text_file]) == 2
+    assert cli.main(["inspect", "--model_dir", str(tmp_path / "nope"), "--text_file", text_file]) == 1
     assert "is not a directory" in capsys.readouterr().err
 
 
@@ -132,11 +132,11 @@ def test_inspect_segment_anchors(model_dir, tmp_path, capsys):
 
 
 def test_inspect_errors(model_dir, tmp_path, capsys):
-    assert cli.main(["inspect", "--model_dir", model_dir, "--text_file", str(tmp_path / "none.txt")]) == 2
+    assert cli.main(["inspect", "--model_dir", model_dir, "--text_file", str(tmp_path / "none.txt")]) == 1
     assert "does not exist" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n", encoding="utf-8")
-    assert cli.main(["inspect", "--model_dir", model_dir, "--text_file", str(empty)]) == 2
+    assert cli.main(["inspect", "--model_dir", model_dir, "--text_file", str(empty)]) == 1
     assert "holds no text" in capsys.readouterr().err
 
 
@@ -167,10 +167,10 @@ def test_bench_exit_status_of_script(tmp_path, monkeypatch):
 
 def test_train_and_bench_without_checkout(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(cli.REPO_ENV, str(tmp_path))
-    assert cli.main(["train", "--quick"]) == 2
+    assert cli.main(["train", "--quick"]) == 1
     err = capsys.readouterr().err
     assert "examples/train_localist.py not found" in err and "source checkout" in err
-    assert cli.main(["bench", "--quick"]) == 2
+    assert cli.main(["bench", "--quick"]) == 1
     assert "benchmarks/bench_attention.py not found" in capsys.readouterr().err
 
 

@@ -98,10 +98,10 @@ def test_pretrained_demo_writes_the_report(checkpoint, tmp_path):
 
 
 def test_cli_demo_with_a_model_and_its_errors(checkpoint, tmp_path, capsys):
-    # User errors: exit status 2 and one line naming the fix (the CLI prints LocalistErrors without a traceback).
+    # A usage error (a flag combination) exits 2, another user error 1; one line naming the fix, no traceback.
     assert main(["demo", "--data", data_path(), "--output_dir", str(tmp_path / "x")]) == 2
     assert "--data needs --model" in capsys.readouterr().err
-    assert main(["demo", "--model", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 2
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "x")]) == 1
     assert "is not a directory" in capsys.readouterr().err
     assert main(["demo", "--model", checkpoint, "--steps", "1", "--no_progress", "--output_dir",
                  str(tmp_path / "r")]) == 0

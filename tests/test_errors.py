@@ -258,6 +258,9 @@ def test_auto_localist_model_with_a_corrupt_localist_config(tmp_path):
     hl.apply_localist(model, alpha=0.5)
     model.save_pretrained(tmp_path)
     (tmp_path / LOCALIST_CONFIG_NAME).write_text("{not json")
+    with pytest.raises(hl.LocalistLoadError, match=f"{LOCALIST_CONFIG_NAME}' does not match its checksum"):
+        hl.AutoLocalistModel.from_pretrained(tmp_path)  # the save's manifest notices first
+    (tmp_path / "localist_manifest.json").unlink()
     with pytest.raises(hl.LocalistLoadError, match="not valid JSON"):
         hl.AutoLocalistModel.from_pretrained(tmp_path)
 

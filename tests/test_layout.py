@@ -20,7 +20,7 @@ SRC = ROOT / "src" / "hf_localist"
 #: The order of the layers: a unit (a top-level module or subpackage of hf_localist) may import units of its own
 #: layer or below, never above.
 LAYERS = {
-    "errors": 0, "utils": 0, "theory": 0, "distributed": 0,
+    "errors": 0, "utils": 0, "savedir": 0, "theory": 0, "distributed": 0,
     "arch": 1, "metrics": 1,
     "config": 2,
     "blocks": 3,

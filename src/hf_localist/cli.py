@@ -37,7 +37,32 @@ from .demo.pretrained import run_pretrained_demo
 from .demo.run import data_path, run_demo
 from .errors import LocalistConfigError, LocalistError, LocalistLoadError
 from .patch.apply import apply_localist
-from .patch.auto import AutoLocalistModel
+from .patch.auto import AutoLocalistModel, failing_weights_file
+
+#: Environment variable: set to 1 to get the full traceback of an error (like ``--debug``).
+DEBUG_ENV = "HF_LOCALIST_DEBUG"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (the full usage is one ``--help`` away), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class UsageError(LocalistError, ValueError):
+    """A bad command line found after parsing (a flag value the config refuses): exit status 2, like argparse's."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 class Command:
@@ -86,7 +111,7 @@ class DemoCommand(Command):
         parser.add_argument("--quick", action="store_true",
                             help="shorter budgets (about a minute and a half on 2 CPU cores instead of about six)")
         parser.add_argument("--seed", type=int, default=0, help="random seed (data order, initialisation)")
-        parser.add_argument("--threads", type=int, default=None,
+        parser.add_argument("--threads", type=positive_int, default=None,
                             help="torch CPU threads (default: 1 for the bundled tiny models, which gain little from "
                                  "more and on a busy machine can be many times slower with several; torch's default "
                                  "with --model)")
@@ -102,13 +127,14 @@ class DemoCommand(Command):
         parser.add_argument("--label_column", "--label-column", dest="label_column", default="label",
                             help="with --model: the CSV column holding the label (the labels are the blocks and the "
                                  "specialists)")
-        parser.add_argument("--max_labels", "--max-labels", dest="max_labels", type=int, default=None,
+        parser.add_argument("--max_labels", "--max-labels", dest="max_labels", type=positive_int, default=None,
                             help="with --model: keep the most frequent labels only (default 8)")
         # Hidden: every part with this many training steps and tiny budgets (tests check the plumbing in seconds).
-        parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--steps", type=positive_int, default=None, help=argparse.SUPPRESS)
 
     def run(self) -> int:
         a = self.args
+        check_output_dir(a.output_dir)
         if a.model is None:
             if a.data is not None:
                 raise LocalistConfigError("--data needs --model (the bundled run uses its own data)")
@@ -168,6 +194,18 @@ def localist_overrides(args: argparse.Namespace, only: Sequence[str] | None = No
     return {n: getattr(args, n) for n in names if hasattr(args, n) and (only is None or n in only)}
 
 
+def check_output_dir(path: str) -> None:
+    """An output directory must be a directory (or not exist yet) in a writable place."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LocalistLoadError(f"--output_dir {path!r} is a file: pass a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    target = path if os.path.isdir(path) else parent
+    if not os.access(target, os.W_OK):
+        raise LocalistLoadError(f"--output_dir {path!r}: {target!r} is not writable; choose another directory")
+
+
 def _check_model_dir(model_dir: str) -> None:
 
     if not os.path.isdir(model_dir):
@@ -210,10 +248,11 @@ def load_model_and_tokenizer(model_dir: str, overrides: dict, localist: bool = T
             model = AutoLocalistModel.from_pretrained(model_dir, model_class=model_class)
         else:
             model = model_class.from_pretrained(model_dir)
-    except LocalistLoadError:
+    except LocalistError:
         raise
-    except (OSError, ValueError) as e:
-        raise LocalistLoadError(f"cannot load the model in {model_dir!r} with {model_class.__name__}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - corrupt weights raise the reader's own errors (SafetensorError, ...)
+        raise LocalistLoadError(f"cannot load the model at {failing_weights_file(model_dir)} with "
+                                f"{model_class.__name__} ({type(e).__name__}: {e})") from e
     if loaded_state:
         handle = model.localist_handle
         if overrides:
@@ -249,10 +288,12 @@ class ApplyCommand(Command):
 
 
         out = self.args.output_dir
-        if os.path.isfile(out):
-            raise LocalistLoadError(f"--output_dir {out!r} is a file: pass a directory")
+        check_output_dir(out)
         overrides = localist_overrides(self.args)
-        LocalistConfig.from_dict({}, **overrides)  # bad flag values fail here, before the model loads
+        try:
+            LocalistConfig.from_dict({}, **overrides)  # bad flag values fail here, before the model loads
+        except LocalistConfigError as e:
+            raise UsageError(str(e)) from e
         model, handle, tokenizer, loaded = load_model_and_tokenizer(self.args.model_dir, overrides)
         model.save_pretrained(out)
         if tokenizer is not None:
@@ -281,7 +322,7 @@ def text_to_inputs(text: str, tokenizer, config, max_length: int):
         return torch.tensor([ids]), None, f"segment assignment from {len(config.anchor_token_ids)} anchor tokens"
     paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
     if not paragraphs:
-        raise LocalistConfigError("--text_file holds no text: write one or more paragraphs separated by blank lines")
+        raise LocalistLoadError("--text_file holds no text: write one or more paragraphs separated by blank lines")
     ids: list[int] = []
     blocks: list[int] = []
     if getattr(tokenizer, "bos_token_id", None) is not None:
@@ -323,7 +364,7 @@ class InspectCommand(Command):
                             help="local model directory (localist or not)")
         parser.add_argument("--text_file", "--text-file", dest="text_file", required=True,
                             help="UTF-8 text; paragraphs separated by blank lines are the blocks")
-        parser.add_argument("--max_length", "--max-length", dest="max_length", type=int, default=512,
+        parser.add_argument("--max_length", "--max-length", dest="max_length", type=positive_int, default=512,
                             help="truncate the tokenized text to this many tokens")
         parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
         add_localist_config_arguments(parser, only=("alpha", "schedule", "schedule_power", "first_local_layer"))
@@ -335,6 +376,8 @@ class InspectCommand(Command):
         args = self.args
         if args.max_length < 1:
             raise LocalistConfigError(f"--max_length={args.max_length} must be >= 1")
+        if os.path.isdir(args.text_file):
+            raise LocalistLoadError(f"--text_file {args.text_file!r} is a directory: pass a text file")
         if not os.path.isfile(args.text_file):
             raise LocalistLoadError(f"--text_file {args.text_file!r} does not exist")
         try:
@@ -419,7 +462,12 @@ def run_script_main(path: str, argv: list[str]) -> int:
         main_fn = namespace.get("main")
         if not callable(main_fn):
             raise LocalistLoadError(f"{path} defines no main(argv) function")
-        result = main_fn(list(argv))
+        try:
+            result = main_fn(list(argv))
+        except ValueError as e:  # HfArgumentParser's answer to an unknown flag: a usage error of the script
+            if "arguments are not used by the HfArgumentParser" in str(e):
+                raise UsageError(f"{os.path.basename(path)}: {e}") from e
+            raise
     finally:
         if added and directory in sys.path:
             sys.path.remove(directory)
@@ -497,13 +545,15 @@ COMMANDS: list[type[Command]] = [DemoCommand, FetchCommand, ApplyCommand, Inspec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hf-localist",
         description="Localist attention for Hugging Face Transformers: a locality dial from distributed to "
                     "block-sparse attention.",
         epilog="Run `hf-localist <command> --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"hf-localist {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(title="commands", metavar="<command>")
     for command in COMMANDS:
         command.register(subparsers)
@@ -511,26 +561,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hf-localist`` console script. Returns the exit status."""
+    """Entry point of the ``hf-localist`` console script. Returns the exit status: 0 success, 2 a usage error (bad
+    flag or flag value), 1 any other error; each error is one line on stderr, the traceback only with ``--debug`` or
+    ``HF_LOCALIST_DEBUG=1``."""
     parser = build_parser()
     argv = list(argv) if argv is not None else sys.argv[1:]
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
     passthrough = {c.name for c in COMMANDS if c.passthrough}
     if argv and argv[0] in passthrough:
         args = parser.parse_args(argv[:1])
         args.script_args = argv[1:]
     else:
         args = parser.parse_args(argv)
+    debug = debug or getattr(args, "debug", False)
     command_class = getattr(args, "command_class", None)
     if command_class is None:
         parser.print_help()
         return 1
-
     try:
         return command_class(args).run()
-    except LocalistError as e:  # a user error: one clean line, no traceback
-        message = " ".join(str(e).split())
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"hf-localist {command_class.name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every error is one line; the traceback is for --debug
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, LocalistError):  # not one of ours: say what it was, and how to see more
+            message = f"{type(e).__name__}: {message} (rerun with --debug for the traceback)"
         print(f"hf-localist {command_class.name}: error: {message}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, (UsageError, LocalistConfigError)) else 1
 
 
 if __name__ == "__main__":

@@ -1,9 +1,8 @@
-"""Small shared helpers: atomic file writes, directory replacement, right-padding of token id lists."""
+"""Small shared helpers: atomic file writes, right-padding of token id lists (directory commits: savedir.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from typing import Callable, Sequence
 
@@ -34,21 +33,6 @@ def atomic_write_text(path: str, text: str) -> None:
             fh.write(text)
 
     atomic_write(path, write)
-
-
-def move_tree_contents(src: str, dst: str) -> None:
-    """Move every entry of ``src`` into ``dst`` with ``os.replace`` (atomic per file), then remove ``src``."""
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        s, d = os.path.join(src, name), os.path.join(dst, name)
-        if os.path.isdir(s):
-            if os.path.isdir(d):
-                move_tree_contents(s, d)
-                continue
-            if os.path.exists(d):
-                os.unlink(d)
-        os.replace(s, d)
-    shutil.rmtree(src, ignore_errors=True)
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

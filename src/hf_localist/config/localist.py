@@ -183,11 +183,30 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
             raise LocalistConfigError(
                 f"LocalistConfig.active_blocks={self.active_blocks} has a slot above max_blocks={self.max_blocks}"
             )
+        bound = self.__dict__.get("_bound_model")
+        if bound is not None and (self.model_type, self.num_layers) != bound:
+            raise LocalistConfigError(
+                f"LocalistConfig.model_type={self.model_type!r} / num_layers={self.num_layers!r} do not describe the "
+                f"model this config is applied to ({bound[0]!r} with {bound[1]} attention layers): they are filled "
+                "by apply_localist; for another model build a new config (cfg.copy(model_type=None, num_layers=None))"
+            )
         if self.num_layers is not None and self.first_local_layer >= self.num_layers:
             raise LocalistConfigError(
                 f"LocalistConfig.first_local_layer={self.first_local_layer} is not below the model's "
                 f"num_layers={self.num_layers} attention layers: choose a layer in [0, {self.num_layers - 1}]"
             )
+
+    def bind_to_model(self, model_type: str, num_layers: int) -> None:
+        """Fill ``model_type`` and ``num_layers`` from the model this config is applied to and hold them there: a
+        later assignment of other values raises (``apply_localist`` calls this on the model's own copy)."""
+        previous = self.__dict__.get("_bound_model")
+        object.__setattr__(self, "_bound_model", None)
+        try:
+            self.update(model_type=model_type, num_layers=num_layers)
+        except LocalistConfigError:
+            object.__setattr__(self, "_bound_model", previous)
+            raise
+        object.__setattr__(self, "_bound_model", (model_type, num_layers))
 
     def active_block_list(self) -> list[int]:
         """The active block slots: ``active_blocks``, else 1..len(block_names), else 1..max_blocks."""
@@ -272,6 +291,9 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         def fetch(name: str) -> str | None:
             if os.path.isdir(path_or_id):
                 p = os.path.join(path_or_id, name)
+                if os.path.lexists(p) and not os.path.isfile(p):
+                    raise LocalistLoadError(f"{p!r} is not a regular file (a directory?): remove it and save the "
+                                            "config again")
                 return p if os.path.isfile(p) else None
             try:
                 return cached_file(
@@ -351,10 +373,13 @@ def _read_json(path: str) -> dict[str, Any]:
             data = json.load(fh)
     except FileNotFoundError as e:
         raise LocalistLoadError(f"localist config file {path!r} does not exist") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LocalistLoadError(
-            f"{path!r} is not valid JSON ({e}): the file is corrupt; re-save it with LocalistConfig.save_pretrained"
-        ) from e
+            f"{path!r} is not valid JSON ({type(e).__name__}: {e}): the file is corrupt; re-save it with "
+            "LocalistConfig.save_pretrained"
+        ) from None
+    except OSError as e:
+        raise LocalistLoadError(f"cannot read the localist config file {path!r} ({e})") from e
     if not isinstance(data, dict):
         raise LocalistLoadError(f"{path!r} must hold a JSON object, got {type(data).__name__}")
     return data

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..config.localist import LocalistConfig
-from ..errors import LocalistConfigError
+from ..errors import LocalistConfigError, LocalistLoadError
 from ..patch.apply import apply_localist
 from ..utils import pad_right
 from .passages import (
@@ -156,8 +156,8 @@ def _run(model_dir, data, text_column, label_column, output_dir, quick, seed, st
     if max_labels is not None:
         s = replace(s, max_labels=max_labels)
     if not os.path.isdir(model_dir):
-        raise LocalistConfigError(f"--model {model_dir!r} is not a directory; pass a transformers model directory "
-                                  "(e.g. from `hf-localist fetch smollm2-135m --output_dir DIR`)")
+        raise LocalistLoadError(f"--model {model_dir!r} is not a directory; pass a transformers model directory "
+                                "(e.g. from `hf-localist fetch smollm2-135m --output_dir DIR`)")
     os.makedirs(output_dir, exist_ok=True)
     torch.manual_seed(seed)
     times: dict[str, float] = {}

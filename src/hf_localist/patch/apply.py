@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 import warnings
 from typing import Any
 
@@ -28,9 +27,9 @@ from ..attention.function import ATTENTION_KEY, register_attention_key
 from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
-from ..utils import move_tree_contents
+from ..savedir import check_save_target, commit_directory, model_file, staging_directory
 from .forward import LocalistForward, LocalistGenerate, PatchedMethod
-from .handle import LocalistHandle
+from .handle import LocalistHandle, check_token_ids, vocabulary_size
 from .persistence import save_localist_state
 from .slots import CentroidAssignHook
 
@@ -81,8 +80,10 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
             f"LocalistConfig.model_type={config.model_type!r} but the model is {spec.model_type!r}: "
             "build the config for this model (LocalistConfig.from_pretrained(model_path))"
         )
-    # Validated together (first_local_layer < number of layers); a rejected config is left unchanged.
-    config.update(model_type=spec.model_type, num_layers=len(modules))
+    # Validated together (first_local_layer < number of layers); a rejected config is left unchanged. Bound: a
+    # later handle.update(model_type=..., num_layers=...) that contradicts the model is refused.
+    config.bind_to_model(spec.model_type, len(modules))
+    check_token_ids(config, vocabulary_size(base))
     _warn_if_no_block_can_start(config)
 
     register_attention_key()
@@ -137,22 +138,22 @@ class LocalistSave(PatchedMethod):
 
     def __call__(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any):
         base, state = self.base, self.state
-        save_directory = os.fspath(save_directory)
+        save_directory = check_save_target(os.fspath(save_directory))
         push = kwargs.pop("push_to_hub", False)
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "token", "private") if k in kwargs}
         setattr(base.config, MODEL_CONFIG_KEY, state.config.to_dict())
-        parent = os.path.dirname(os.path.abspath(save_directory))
-        os.makedirs(parent, exist_ok=True)
-        # Write aside, then move into place: a failed save leaves the previous files untouched.
-        tmp = tempfile.mkdtemp(prefix=".localist-save-", dir=parent)
+        # Write aside, then commit under a checksummed manifest (savedir.py): a failed or killed save never leaves
+        # a mix of two saves that loads, and files of an earlier save that this one does not write are removed.
+        tmp = staging_directory(save_directory)
         try:
             self.original()(tmp, *args, **kwargs)
             state.config.save_pretrained(tmp)
             save_localist_state(base.localist_handle, tmp)
-            move_tree_contents(tmp, save_directory)
+            commit_directory(tmp, save_directory, model_file)
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
         if push:
             repo_id = hub_kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             base.push_to_hub(repo_id, **hub_kwargs)
+

@@ -19,7 +19,7 @@ from ..attention.call import CallContext, scope_of, scoped
 from ..attention.recorder import DiagnosticsRecorder
 from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
-from ..errors import BlockIdsError, LocalistStateError
+from ..errors import BlockIdsError, LocalistConfigError, LocalistStateError
 from .blockkv import BlockKV, compose_cache, encode_block
 from .forward import PatchedMethod, check_alpha
 from .slots import activate_block, describe_blocks
@@ -72,7 +72,12 @@ class LocalistHandle:
     def update(self, **fields: Any) -> None:
         """Change several config fields at once (validated together)."""
         self._check_active()
-        self.state.config.update(**fields)
+        if "anchor_token_ids" in fields or "general_token_id" in fields:
+            cfg = self.state.config
+            check_token_ids(cfg, vocabulary_size(self.base),
+                            {"anchor_token_ids": fields.get("anchor_token_ids", cfg.anchor_token_ids),
+                             "general_token_id": fields.get("general_token_id", cfg.general_token_id)})
+        self.state.config.update(**fields)  # model_type / num_layers are bound to the model (bind_to_model)
 
     def effective_alpha(self) -> float:
         """The dial a call from this thread / task gets now: the innermost ``dial()`` block, else ``config.alpha``."""
@@ -190,3 +195,29 @@ class LocalistHandle:
             setattr(base.config, MODEL_CONFIG_KEY, self._previous_config_entry[0])
         self._active = False
         return self.model
+
+
+def vocabulary_size(base: nn.Module) -> int | None:
+    """The number of input embeddings of ``base`` (its live vocabulary, resized embeddings included), or None."""
+    get = getattr(base, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    n = getattr(emb, "num_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
+def check_token_ids(config: LocalistConfig, vocab: int | None, fields: dict | None = None) -> None:
+    """Refuse anchor / general token ids outside the model's vocabulary (they could never occur in input_ids)."""
+    if vocab is None:
+        return
+    values = fields if fields is not None else {"anchor_token_ids": config.anchor_token_ids,
+                                                 "general_token_id": config.general_token_id}
+    ids = list(values.get("anchor_token_ids") or []) + [values.get("general_token_id")]
+    bad = [i for i in ids if isinstance(i, int) and not 0 <= i < vocab]
+    if bad:
+        raise LocalistConfigError(
+            f"LocalistConfig token ids {bad} (anchor_token_ids / general_token_id) are outside the model's vocabulary "
+            f"of {vocab} tokens: add the tokens first (add_block_tokens(tokenizer, model, names) resizes the "
+            "embeddings and returns the ids)")

@@ -35,9 +35,11 @@ def save_localist_state(handle, directory: str) -> str | None:
     cfg = handle.config
     if handle.state.block_info or getattr(cfg, "recruitment", None) is not None or handle.state.recruitment_status:
         # Which slots are blocks is part of the model: a checkpoint resumed into a freshly built config gets them back.
+        # state_tensors: which tensors the state file holds, so that a load notices a missing or truncated one
+        # (blocks without their centroids would load silently and never take a token).
         record = {"active_blocks": cfg.active_blocks, "subspace_rank": cfg.subspace_rank,
                   "blocks": {str(k): v for k, v in handle.state.block_info.items()},
-                  "recruitment_status": handle.state.recruitment_status}
+                  "recruitment_status": handle.state.recruitment_status, "state_tensors": sorted(tensors)}
         atomic_write_text(os.path.join(directory, BLOCKS_FILE), json.dumps(record, indent=2, default=float))
     if not tensors:
         return None
@@ -51,39 +53,65 @@ def save_localist_state(handle, directory: str) -> str | None:
 def load_localist_state(handle, directory: str) -> bool:
     """Load state tensors and block records from ``directory`` into ``handle`` where their files exist; returns
     whether it loaded anything."""
-    loaded = _load_tensors(handle, os.path.join(os.fspath(directory), STATE_FILE))
+    directory = os.fspath(directory)
+    path = os.path.join(directory, STATE_FILE)
+    expected = _expected_tensors(os.path.join(directory, BLOCKS_FILE))
+    loaded = _load_tensors(handle, path, expected)
     return _load_block_records(handle, directory) or loaded
 
 
-def _load_tensors(handle, path: str) -> bool:
+def _expected_tensors(blocks_path: str) -> list[str]:
+    """The tensors the block record says the state file holds ([] for records written before it said so)."""
+    if not os.path.isfile(blocks_path):
+        return []
+    record = _read_record(blocks_path)
+    names = record.get("state_tensors", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LocalistLoadError(f"{blocks_path!r} is corrupt (state_tensors={names!r}): re-save the model")
+    return names
+
+
+def _load_tensors(handle, path: str, expected: list[str]) -> bool:
     if not os.path.isfile(path):
+        if os.path.lexists(path):
+            raise LocalistLoadError(f"{path!r} is not a regular file: remove it, or re-save the model")
+        if expected:
+            raise LocalistLoadError(
+                f"{path!r} is missing, but {BLOCKS_FILE} says the checkpoint has state tensors {expected} (block "
+                "centroids, subspaces): restore the file, or re-save the model")
         return False
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise LocalistLoadError(f"{path!r} is not a readable safetensors file ({e}): re-save the model") from e
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise LocalistLoadError(f"{path!r} lacks the tensors {missing} that {BLOCKS_FILE} lists: re-save the model")
     unknown = sorted(set(tensors) - set(_TENSORS))
     if unknown:
         raise LocalistLoadError(f"{path!r} holds unknown tensors {unknown}; expected a subset of {list(_TENSORS)}")
     n_layers = len(handle.attention_modules)
     n_slots = handle.config.max_blocks + 1
     for name, value in tensors.items():
-        expected, what = ((n_layers, "attention layers") if name in _PER_LAYER
-                          else (n_slots, "block slots (max_blocks + 1)"))
-        if value.dim() < 1 or value.shape[0] != expected:
+        size, what = ((n_layers, "attention layers") if name in _PER_LAYER
+                      else (n_slots, "block slots (max_blocks + 1)"))
+        if value.dim() < 1 or value.shape[0] != size:
             raise LocalistLoadError(
-                f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {expected} {what}"
+                f"{path!r}: {name} has shape {tuple(value.shape)} but the model has {size} {what}"
             )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise LocalistLoadError(f"{path!r}: {name} holds NaN or infinite values: the file is corrupt; re-save "
+                                    "the model from a state without them")
+    for name, value in tensors.items():  # only once every tensor is checked: a refused file changes nothing
         setattr(handle.state, name, value.bool() if name == "block_enabled" else value.to(torch.float32))
     return True
 
 
 def _load_block_records(handle, directory: str) -> bool:
     blocks_path = os.path.join(os.fspath(directory), BLOCKS_FILE)
-    if os.path.isfile(blocks_path):
+    if os.path.lexists(blocks_path):
+        record = _read_record(blocks_path)
         try:
-            with open(blocks_path, encoding="utf-8") as fh:
-                record = json.load(fh)
             if "blocks" not in record:  # older files: {slot: info}
                 record = {"blocks": record}
             handle.state.block_info = {int(k): v for k, v in record["blocks"].items()}
@@ -98,3 +126,18 @@ def _load_block_records(handle, directory: str) -> bool:
             handle.config.update(**restored)
         return True
     return False
+
+
+def _read_record(path: str) -> dict:
+    """The JSON object in ``path``, or a ``LocalistLoadError`` naming the file (also for a directory, a file nested
+    too deeply to parse, or anything but an object)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            record = json.load(fh)
+    except (ValueError, OSError, RecursionError) as e:
+        raise LocalistLoadError(f"{path!r} is corrupt or unreadable ({type(e).__name__}: {e}): re-save the model") \
+            from None
+    if not isinstance(record, dict):
+        raise LocalistLoadError(f"{path!r} is corrupt (a JSON {type(record).__name__}, not an object): re-save the "
+                                "model")
+    return record

@@ -52,28 +52,65 @@ def ensure_slots(state, hidden: int) -> None:
 
 def activate_block(handle, slot: int, centroid: torch.Tensor | None = None, subspace: torch.Tensor | None = None,
                    enabled: bool = True, info: dict | None = None) -> None:
-    """Make ``slot`` an active block: centroid (E,), optional per-layer subspace basis (L, E, r), metadata."""
+    """Make ``slot`` an active block: centroid (E,), optional per-layer subspace basis (L, E, r), metadata.
+
+    Every argument is checked before anything changes: a refused call leaves the slots, the centroids and the
+    config as they were (a wrong-size centroid used to reallocate the centroid buffer, wiping the other blocks).
+    """
     cfg = handle.config
     state = handle.state
-    if not isinstance(slot, int) or not 1 <= slot <= cfg.max_blocks:
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 1 <= slot <= cfg.max_blocks:
         raise LocalistConfigError(f"activate_block: slot={slot!r} must be in 1..max_blocks={cfg.max_blocks}")
     active = cfg.active_block_list()
     if slot in active and slot in state.block_info:
         raise LocalistStateError(f"activate_block: slot {slot} is already active")
+    if not isinstance(enabled, bool):
+        raise LocalistConfigError(f"activate_block: enabled={enabled!r} must be True or False")
+    if info is not None and not isinstance(info, dict):
+        raise LocalistConfigError(f"activate_block: info must be a dict or None, got {type(info).__name__}")
     if centroid is not None:
-        ensure_slots(state, int(centroid.shape[-1]))
-        state.centroids[slot] = centroid.detach().float().cpu()
-        state.block_enabled[slot] = bool(enabled)
+        centroid = _checked_tensor("centroid", centroid, (_hidden_size(handle),))
     new_active = sorted(set(active) | {slot})
     if subspace is not None:
         stored = state.subspaces
         if stored is None:
             raise LocalistStateError("activate_block with a subspace needs calibrated subspaces for the active blocks")
+        subspace = _checked_tensor("subspace", subspace, (stored.shape[0], stored.shape[2], stored.shape[3]))
+    cfg.update(active_blocks=new_active)  # validated (e.g. against max_blocks) before any buffer changes
+    if centroid is not None:
+        ensure_slots(state, int(centroid.shape[-1]))
+        state.centroids[slot] = centroid
+        state.block_enabled[slot] = enabled
+    if subspace is not None:
         bases = {s: stored[:, i] for i, s in enumerate(active)}
-        bases[slot] = subspace.float()
+        bases[slot] = subspace
         state.subspaces = torch.stack([bases[s] for s in new_active], dim=1)
-    cfg.update(active_blocks=new_active)
     state.block_info[slot] = dict(info or {})
+
+
+def _hidden_size(handle) -> int | None:
+    """The width of the features a centroid is compared with (the input of layer l0's attention)."""
+    if handle.state.centroids is not None:
+        return int(handle.state.centroids.shape[1])
+    get_text = getattr(handle.base.config, "get_text_config", None)
+    text = get_text() if callable(get_text) else handle.base.config
+    size = getattr(text, "hidden_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _checked_tensor(name: str, value, shape: tuple) -> torch.Tensor:
+    """``value`` as a detached float32 CPU tensor of ``shape`` (None entries: any size) with finite entries."""
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        raise LocalistConfigError(f"activate_block: {name} must be a floating-point tensor, got "
+                                  f"{type(value).__name__} {getattr(value, 'dtype', '')}")
+    if value.dim() != len(shape) or any(want is not None and got != want for got, want in zip(value.shape, shape)):
+        want = tuple("any" if w is None else w for w in shape)
+        raise LocalistConfigError(f"activate_block: {name} has shape {tuple(value.shape)}, but the model needs {want}"
+                                  + (" (the model's hidden size)" if name == "centroid" else
+                                     " (layers, hidden size, subspace rank of the calibrated subspaces)"))
+    if not bool(torch.isfinite(value).all()):
+        raise LocalistConfigError(f"activate_block: {name} holds NaN or infinite values")
+    return value.detach().float().cpu()
 
 
 def set_block_enabled(handle, slot: int, enabled: bool) -> None:

@@ -25,6 +25,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PreTrainedConfig
 from transformers.utils import ModelOutput, cached_file
@@ -209,9 +210,10 @@ def resolve_entry_path(root: str | None, what: str, path: str, source: str) -> s
         if norm == ".." or norm.startswith(".." + os.sep) or norm in (".", ""):
             raise LocalistLoadError(f"{what}: the copy path {path!r} escapes the saved router directory {root!r}")
         full = os.path.realpath(os.path.join(root, norm))
-        if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+        if not _inside(full, root):
             raise LocalistLoadError(f"{what}: the copy path {path!r} resolves to {full!r}, outside the saved router "
                                     f"directory {root!r}")
+        _check_no_escaping_links(full, root, what)
         return full
     if os.path.isabs(path):
         return path
@@ -229,12 +231,58 @@ def resolve_entry_path(root: str | None, what: str, path: str, source: str) -> s
     return path
 
 
+def check_entry_paths(config: LocalistRouterConfig, root: str, path: str, fetched: bool,
+                      allow_local_references: bool) -> None:
+    """Refuse, before anything is loaded, every entry of a saved router that escapes its directory, and
+    ``reference`` entries naming local directories unless ``allow_local_references`` (never for a router fetched
+    from the Hub: its config must not make this machine read an arbitrary local directory)."""
+    entries = [("the base model", config.base_model_path, config.base_source)]
+    entries += [(f"specialist {n!r}", e["path"], e.get("source", "reference")) for n, e in config.specialists.items()]
+    for what, entry_path, source in entries:
+        if source == "reference" and is_local_reference(entry_path):
+            if fetched:
+                raise LocalistLoadError(
+                    f"{what}: the router fetched from the Hub ({path!r}) refers to the local path {entry_path!r}; "
+                    "a Hub router may only refer to Hub ids or to copies inside its repo")
+            if not allow_local_references:
+                raise LocalistLoadError(
+                    f"{what}: the saved router {path!r} refers to the local directory {entry_path!r} (source "
+                    "'reference'); load it with LocalistRouterModel.from_pretrained(..., allow_local_references=True) "
+                    "if you trust that directory, or save the router with save_pretrained(..., copy_specialists=True) "
+                    "to make it self-contained")
+        resolve_entry_path(root, what, entry_path, source)
+
+
+def is_local_reference(path: str) -> bool:
+    """Whether a ``reference`` entry names a local directory (an absolute path) rather than a Hub id."""
+    return os.path.isabs(path) or path.startswith(("~", "\\")) or bool(re.match(r"^[A-Za-z]:", path))
+
+
+def _inside(full: str, root: str) -> bool:
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([os.path.realpath(full), real_root]) == real_root
+
+
+def _check_no_escaping_links(directory: str, root: str, what: str) -> None:
+    """A copied model must not read files from outside the router directory through a symbolic link in it."""
+    if not os.path.isdir(directory):
+        return
+    for dirpath, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full) and not _inside(full, root):
+                raise LocalistLoadError(
+                    f"{what}: {full!r} is a symbolic link to {os.path.realpath(full)!r}, outside the saved router "
+                    f"directory {root!r}; a copied model must hold its own files (save the router again with "
+                    "copy_specialists=True)")
+
+
 def read_json(path: str, what: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise LocalistLoadError(f"{what}: {path!r} is missing or corrupt ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise LocalistLoadError(f"{what}: {path!r} is missing or corrupt ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise LocalistLoadError(f"{what}: {path!r} is not a JSON object")
     return data
@@ -263,6 +311,19 @@ def detect_kind(path: str, what: str) -> str:
         return "adapter"
     if locate(path, "config.json", what, required=False):
         return "full"
+    if not os.path.isdir(path):
+        # cached_file answers None both for a file the repo lacks and for a Hub it cannot reach: tell them apart.
+        try:
+            cached_file(path, "config.json")
+        except OSError as e:
+            cause = e.__cause__
+            if isinstance(cause, (EntryNotFoundError, RepositoryNotFoundError)) \
+                    and not isinstance(cause, LocalEntryNotFoundError):  # (offline: "not in the cache")
+                raise LocalistLoadError(f"{what}: the Hub repo {path!r} does not exist or holds neither config.json "
+                                        f"nor {ADAPTER_CONFIG}") from e
+            raise LocalistLoadError(f"{what}: the Hub repo {path!r} is unreachable from here and not in the local "
+                                    f"cache ({e.__class__.__name__}: {' '.join(str(e).split())[:200]}); connect, "
+                                    "or download it first (HF_HUB_OFFLINE is set?)") from e
     raise LocalistLoadError(f"{what}: {path!r} holds neither config.json (a full checkpoint) nor {ADAPTER_CONFIG} "
                             "(a peft adapter)")
 

@@ -29,6 +29,7 @@ from transformers import initialization as init
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ..errors import LocalistConfigError, LocalistError, LocalistLoadError
+from ..savedir import verify_directory
 from . import config as rc
 from . import store as rs
 from .confidence import BASE, calibrate_confidence
@@ -39,14 +40,13 @@ from .config import (
     RoutingDecision,
     resolve_entry_path,
 )
-from .generate import generate_hard, generate_mixture
+from .generate import generate_hard, generate_mixture, generation_options, to_left_padding
 from .generate import upcast as _upcast
 from .recruit import domain_entropy, fit_router, init_router_from_prompts, recruit_specialist
 
 logger = logging.getLogger(__name__)
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
-_GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id")
 
 
 class LocalistRouterModel(PreTrainedModel):
@@ -124,20 +124,28 @@ class LocalistRouterModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any,
                         tokenizer: Any = None, model_kwargs: dict | None = None,
-                        **kwargs: Any) -> "LocalistRouterModel":
+                        allow_local_references: bool = False, **kwargs: Any) -> "LocalistRouterModel":
         """Load a router saved by :meth:`save_pretrained` (a directory or a Hub repo) with its specialists.
-        Router settings (``routing``, ``routing_k``, ``max_loaded_specialists``, ...) may be overridden by keyword."""
+        Router settings (``routing``, ``routing_k``, ``max_loaded_specialists``, ...) may be overridden by keyword.
+
+        A saved config can name any local directory as a ``reference`` (the default of ``save_pretrained``): such
+        entries load only with ``allow_local_references=True`` (you trust the directory the router came from), and
+        never for a router fetched from the Hub. References to Hub ids and copies inside the router directory
+        (``copy_specialists=True``) need no opt-in."""
         path = os.fspath(pretrained_model_name_or_path)
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        if os.path.isdir(path):
+        fetched = not os.path.isdir(path)
+        if not fetched:
             root = path
+            verify_directory(root)  # a killed or tampered save is refused naming the file (savedir.py)
         elif os.path.isabs(path) or path.startswith("."):
             raise LocalistLoadError(f"no saved router at {path!r}: the directory does not exist")
         else:
             try:
                 root = snapshot_download(path, **hub)
             except Exception as e:  # noqa: BLE001
-                raise LocalistLoadError(f"cannot fetch the router repo {path!r} ({type(e).__name__}: {e})") from e
+                raise LocalistLoadError(f"cannot fetch the router repo {path!r} ({type(e).__name__}: {e}); the Hub "
+                                        "is unreachable from here, or the repo does not exist") from e
         raw = rc.read_json(os.path.join(root, "config.json"), f"router {path!r}")
         if raw.get("model_type") != LocalistRouterConfig.model_type:
             raise LocalistLoadError(f"{path!r} is a {raw.get('model_type')!r} checkpoint, not a LocalistRouterModel "
@@ -147,10 +155,8 @@ class LocalistRouterModel(PreTrainedModel):
             config = LocalistRouterConfig.from_pretrained(root)
         for key in [k for k in kwargs if k in rc.OVERRIDABLE]:  # e.g. routing="soft", max_loaded_specialists=2
             setattr(config, key, kwargs.pop(key))
-        # Refuse escaping paths before any weight is read.
-        resolve_entry_path(root, "the base model", config.base_model_path, config.base_source)
-        for name, entry in config.specialists.items():
-            resolve_entry_path(root, f"specialist {name!r}", entry["path"], entry.get("source", "reference"))
+        # Refuse escaping paths (and, unless allowed, references to local directories) before any weight is read.
+        rc.check_entry_paths(config, root, path, fetched, allow_local_references)
         kwargs.pop("use_safetensors", None)
         try:
             model = super().from_pretrained(root, *model_args, config=config, use_safetensors=True, **kwargs)
@@ -312,10 +318,17 @@ class LocalistRouterModel(PreTrainedModel):
         mode, k = self._mode(routing, routing_k)
         m = len(self.specialist_names)
         if router_probs is not None:
-            if router_probs.shape != (input_ids.shape[0], m):
-                raise LocalistConfigError(f"router_probs has shape {tuple(router_probs.shape)}, expected "
-                                          f"{(input_ids.shape[0], m)} (batch, specialists)")
-            logits = router_probs.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+            if not torch.is_tensor(router_probs) or router_probs.shape != (input_ids.shape[0], m):
+                shape = tuple(getattr(router_probs, "shape", ()))
+                raise LocalistConfigError(f"router_probs has shape {shape}, expected {(input_ids.shape[0], m)} "
+                                          "(batch, specialists)")
+            probs_in = router_probs.float()
+            if not bool(torch.isfinite(probs_in).all()) or bool((probs_in < 0).any()) \
+                    or bool((probs_in.sum(-1) <= 0).any()):
+                raise LocalistConfigError(
+                    "router_probs must be finite and >= 0 with a positive sum per input (they are renormalised); got "
+                    f"{router_probs.tolist() if router_probs.numel() <= 16 else 'NaN, infinite or negative values'}")
+            logits = probs_in.clamp_min(torch.finfo(torch.float32).tiny).log()
         else:
             logits = self.router_logits_from_features(self.pooled_features(input_ids, attention_mask, position_ids))
         log_probs = logits.log_softmax(-1)
@@ -412,21 +425,18 @@ class LocalistRouterModel(PreTrainedModel):
                  routing: str | None = None, routing_k: int | None = None, route_to: Any = None,
                  router_probs: torch.Tensor | None = None, return_dict_in_generate: bool = False,
                  confidence_threshold: float | None = None, **gen_kwargs: Any):
-        """Route once on the prompt (left-pad batches), then decode with the KV cache. hard: each group of inputs
+        """Route once on the prompt, then decode with the KV cache (right-padded prompts are moved to left padding
+        first, so the returned prompts are left-padded). hard: each group of inputs
         runs its specialist's own ``generate``; soft / top_k: a mixture loop with one cache per specialist.
-        Accepts ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id``,
-        ``pad_token_id``. Returns the sequences (B, prompt + new), or a LocalistRouterGenerateOutput."""
-        unknown = sorted(set(gen_kwargs) - set(_GEN_KEYS))
-        if unknown:
-            raise LocalistConfigError(f"generate() got unsupported argument(s) {unknown}; supported: {list(_GEN_KEYS)}")
-        gcfg = getattr(self._pool.base, "generation_config", None)
-        opts = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
-                "eos_token_id": getattr(gcfg, "eos_token_id", None),
-                "pad_token_id": getattr(gcfg, "pad_token_id", None)}
-        opts.update(gen_kwargs)
-        if opts["pad_token_id"] is None:
-            opts["pad_token_id"] = self._pool.base.config.get_text_config().pad_token_id or 0
-        ids, mask, pos = self._prepare(input_ids, attention_mask, None)
+        hard routing passes every transformers generation argument (``generation_config=``, ``repetition_penalty``,
+        logits processors, stopping criteria, ...) to each specialist's own ``generate``; the mixture loop takes
+        ``generation_config=`` and ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, ``pad_token_id``, ``repetition_penalty``. Returns the sequences (B, prompt + new), or a
+        LocalistRouterGenerateOutput."""
+        mode = "hard" if route_to is not None else self._mode(routing, routing_k)[0]
+        opts = generation_options(mode, self._pool.base, gen_kwargs)
+        ids, mask = to_left_padding(*self._prepare(input_ids, attention_mask, None)[:2])  # returned left-padded
+        ids, mask, pos = self._prepare(ids, mask, None)  # positions of the left-padded layout
         d = self.route(ids, mask, routing=routing, routing_k=routing_k, route_to=route_to, router_probs=router_probs,
                        position_ids=pos, confidence_threshold=confidence_threshold)
         used = d.chosen.unique().tolist()

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..errors import LocalistConfigError, LocalistLoadError
 from ..patch.auto import AutoLocalistModel, has_localist_state
-from ..utils import move_tree_contents
+from ..savedir import check_save_target, commit_directory, staging_directory
 from .config import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -154,11 +154,12 @@ def find_tokenizer(root: str | None, base_loc: str):
 
 
 def save_router(router: Any, save_directory: str, copy_specialists: bool, save_weights) -> None:
-    """See ``LocalistRouterModel.save_pretrained``: everything is written into a temporary sibling directory, then
-    moved into place file by file (``os.replace``)."""
+    """See ``LocalistRouterModel.save_pretrained``: everything is written into a staging sibling directory, then
+    committed under a checksummed manifest (``savedir.commit_directory``): copies of specialists and of the base that
+    this save does not write (a dropped specialist, ``base/`` of an earlier copying save) are removed."""
 
-    os.makedirs(save_directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-router-", dir=os.path.dirname(os.path.abspath(save_directory)))
+    save_directory = check_save_target(save_directory)
+    tmp = staging_directory(save_directory)
     cfg = router.config
     saved = (cfg.base_model_path, cfg.base_source, cfg.specialists)
     try:
@@ -178,10 +179,16 @@ def save_router(router: Any, save_directory: str, copy_specialists: bool, save_w
         save_weights(tmp)
         if router.tokenizer is not None:
             router.tokenizer.save_pretrained(tmp)
-        move_tree_contents(tmp, save_directory)
+        commit_directory(tmp, save_directory, _router_file, deep=("specialists", "base"))
     finally:
         cfg.base_model_path, cfg.base_source, cfg.specialists = saved
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _router_file(rel: str) -> bool:
+    """Files of a saved router that a later save replaces or removes: its config and weights, and the copies of
+    specialists and of the base (other files in the directory are kept)."""
+    return rel in ("config.json", "model.safetensors") or rel.startswith(("specialists/", "base/"))
 
 
 def _copy_model_dir(src: str, dst: str, what: str) -> None:
