@@ -23,6 +23,7 @@ import os
 import re
 import runpy
 import sys
+import typing
 from typing import Sequence
 
 import torch
@@ -174,10 +175,16 @@ def add_localist_config_arguments(parser: argparse.ArgumentParser, only: Sequenc
                "block_assignment": cfg_module.BLOCK_ASSIGNMENTS, "penalty": cfg_module.PENALTIES,
                "lambda_mode": cfg_module.LAMBDA_MODES, "subspace": cfg_module.SUBSPACES}
     group = parser.add_argument_group("LocalistConfig fields (see LocalistConfig for details)")
+    hints = typing.get_type_hints(cfg_module.LocalistConfig)
     for f in dataclasses.fields(cfg_module.LocalistConfig):
         if f.name in _SKIPPED_FIELDS or (only is not None and f.name not in only):
             continue
-        annotation = str(f.type).replace(" ", "")
+        # Resolved annotations, not ``f.type``: HfArgumentParser(LocalistConfig) rewrites the fields' string
+        # annotations into types in place, so ``str(f.type)`` depends on what ran before.
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if len(args) == 1 and type(None) in typing.get_args(hint) else hint
+        annotation = getattr(base, "__name__", "") + ("|None" if base is not hint else "")
         kind = {"float": float, "int": int, "int|None": int, "str": str, "bool": _parse_bool}.get(annotation)
         if kind is None:
             continue
