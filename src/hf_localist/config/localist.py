@@ -39,6 +39,7 @@ BLOCK_ASSIGNMENTS = ("segment", "explicit", "centroid")
 BLOCK_POSITIONS = ("continuous", "restart")
 PENALTIES = ("none", "loss", "prox")
 LAMBDA_MODES = ("fixed", "threshold")
+PROX_PRECONDITIONERS = ("auto", "none")
 SUBSPACES = ("coordinate", "pca")
 
 
@@ -119,6 +120,11 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         "Group-lasso penalty on Q/K head slices: 'none', 'loss' (the forward adds localist_loss_coef * penalty "
         "to outputs.loss in training mode), or 'prox' (LocalistCallback applies the proximal step after each "
         "optimizer step: exact zeros).", one_of(PENALTIES)))
+    prox_preconditioner: str = field(default="auto", metadata=spec(
+        "Step size of the proximal step: 'auto' shrinks each group by the optimizer's own step on it (lr for SGD, "
+        "lr / (sqrt(v_hat) + eps) averaged over the group for Adam/AdamW; other optimizers are refused), so zeros "
+        "appear where the calibrated threshold says; 'none' shrinks by lr * lambda whatever the optimizer.",
+        one_of(PROX_PRECONDITIONERS)))
     lambda_mode: str = field(default="fixed", metadata=spec(
         "'fixed': lambda = penalty_lambda; 'threshold': lambda = alpha_train * kappa * lambda_threshold "
         "per (layer, head, block), from estimate_constants(...).threshold().", one_of(LAMBDA_MODES)))
