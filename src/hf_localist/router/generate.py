@@ -59,8 +59,9 @@ def prepare_generation(mode: str, base: Any, gen_kwargs: dict, return_dict_in_ge
         raise LocalistConfigError(f"generation_config must be a transformers GenerationConfig, got "
                                   f"{type(given).__name__}")
     defaults = getattr(base, "generation_config", None)
-    config = GenerationConfig(do_sample=False, **{k: getattr(defaults, k, None) for k in (
-        "eos_token_id", "pad_token_id", "bos_token_id")})
+    # return_dict_in_generate first: transformers' validation warns about output_scores without it
+    config = GenerationConfig(do_sample=False, return_dict_in_generate=bool(return_dict_in_generate), **{
+        k: getattr(defaults, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")})
     try:
         if given is not None:
             config.update(**{k: v for k, v in given.to_diff_dict().items() if k != "transformers_version"})

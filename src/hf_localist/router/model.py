@@ -389,9 +389,10 @@ class LocalistRouterModel(PreTrainedModel):
         ``generation_config=`` and transformers' generation arguments (``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``,
         ``eos_token_id``, ``logits_processor``, ``stopping_criteria``, ``streamer``, ...); defaults: greedy, 20 new
-        tokens, the base's special tokens. A mixture refuses a cache object, assisted decoding, a static
-        ``cache_implementation`` and model arguments (LocalistConfigError naming them). Returns the sequences
-        (B * returned sequences per input, prompt + new), or a LocalistRouterGenerateOutput."""
+        tokens, the base's special tokens. A mixture refuses a cache object, a static ``cache_implementation`` and
+        model arguments; every mode ``output_attentions`` / ``output_hidden_states`` (LocalistConfigError naming
+        them). Returns the sequences (B * returned sequences per input, prompt + new), or a
+        LocalistRouterGenerateOutput (with ``scores`` / ``logits`` when asked for)."""
         mode = "hard" if route_to is not None else self._mode(routing, routing_k)[0]
         call = prepare_generation(mode, self._pool.base, gen_kwargs, return_dict_in_generate)
         ids, mask = to_left_padding(*self._prepare(input_ids, attention_mask, None)[:2])  # returned left-padded
