@@ -227,6 +227,22 @@ def commit_directory(staging: str, target: str, owned: Callable[[str], bool],
     return names
 
 
+def update_manifest(directory: str, written: Iterable[str], removed: Iterable[str] = ()) -> None:
+    """After files of a checkpoint were rewritten in place (``save_localist_state`` adding the localist files to a
+    saved directory): record the new checksums of ``written`` and drop ``removed`` from its complete manifest, so the
+    directory still verifies. No manifest: nothing to do. A pending one (an interrupted save) is left as it is: the
+    directory stays refused until it is saved again."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest["state"] != "complete":
+        return
+    files = dict(manifest["files"])
+    for rel in removed:
+        files.pop(rel, None)
+    for rel in written:
+        files[rel] = _digest(os.path.join(directory, *rel.split("/")))
+    _write_manifest(directory, "complete", files, None)
+
+
 def _write_manifest(target: str, state: str, files: dict, old: dict | None) -> None:
     data = {"format": _FORMAT, "version": 1, "state": state, "files": files, "old": old}
     atomic_write_text(os.path.join(target, MANIFEST_NAME), json.dumps(data, indent=1, sort_keys=True) + "\n")
