@@ -19,6 +19,9 @@ any point leaves the complete old checkpoint, the complete new one, or a directo
 transformers or an older version) is not checked. Files the save did not write (a tokenizer saved next to the
 model, training logs) are left alone and never checked.
 
+:func:`update_manifest` records files rewritten in place afterwards (``save_localist_state`` adding the localist
+files to a saved directory), so the directory still verifies.
+
 Staging directories left behind by a killed save are removed by the next save into the same parent directory
 (:func:`remove_leftovers`); each carries the id of the process that made it, so a save in progress elsewhere keeps
 its own.
