@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, build_model, random_block_ids, random_ids
+from helpers import build_model, random_block_ids, random_ids
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
 import hf_localist as hl
@@ -309,7 +309,8 @@ def test_import_does_not_load_the_trainer():
         "assert hl.LocalistCallback.__name__ == 'LocalistCallback'\n"
         "try:\n    hl.NoSuchName\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    src = os.path.dirname(os.path.dirname(os.path.abspath(hl.__file__)))  # the hf_localist under test
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
