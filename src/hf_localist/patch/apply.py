@@ -5,9 +5,10 @@ implementation to it, (2) tags each attention module with the shared :class:`Loc
 slots; nothing about any one call) and its layer index, (3) replaces the model's ``forward`` (an instance
 attribute, so peft's ``self.model.forward(...)`` reaches it too) by a
 :class:`~hf_localist.patch.forward.LocalistForward` that builds each call's block layout and passes it down with the
-call, and (4) wraps ``save_pretrained`` so the localist settings are written with the model, atomically.
-``handle.revert()`` undoes all four. Every patch is an instance of a small class, so a patched model can be deep-copied
-and pickled.
+call, and (4) wraps ``save_pretrained`` so the localist settings are written with the model, atomically (and, when
+``model`` is a peft wrapper, the wrapper's ``save_pretrained`` too: :mod:`hf_localist.patch.adapters`).
+``handle.revert()`` undoes all four. Every patch is an instance of a small class, so a patched model can be
+deep-copied and pickled.
 
 The dial of a call and its scopes: see :mod:`hf_localist.patch.handle`.
 """
@@ -28,9 +29,10 @@ from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
 from ..savedir import check_save_target, commit_directory, model_file, staging_directory
+from .adapters import bind_wrapper
 from .forward import LocalistForward, LocalistGenerate, PatchedMethod
 from .handle import LocalistHandle, check_token_ids, vocabulary_size
-from .persistence import save_localist_state
+from .persistence import write_localist_files
 from .slots import CentroidAssignHook
 
 
@@ -114,6 +116,7 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     if callable(getattr(base, "generate", None)):
         base.generate = LocalistGenerate(base, state, base.__dict__.get("generate"))
     base.localist_handle = handle
+    bind_wrapper(model)  # a peft wrapper saves the localist files next to its adapter (patch/adapters.py)
     return handle
 
 
@@ -147,8 +150,7 @@ class LocalistSave(PatchedMethod):
         tmp = staging_directory(save_directory)
         try:
             self.original()(tmp, *args, **kwargs)
-            state.config.save_pretrained(tmp)
-            save_localist_state(base.localist_handle, tmp)
+            write_localist_files(base.localist_handle, tmp)
             commit_directory(tmp, save_directory, model_file)
         finally:
             if os.path.isdir(tmp):

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..errors import LocalistConfigError, LocalistStateError
+from ..patch.adapters import bind_wrapper
 from .penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
 
 
@@ -83,7 +84,13 @@ class LocalistCallback(TrainerCallback, ExportableState):
         }
 
     # ------------------------------------------------------------------ hooks
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # A peft model: its save_pretrained (Trainer.save_model, checkpoints) writes the localist files next to the
+        # adapter (patch/adapters.py). Again at train begin, for a callback added after the Trainer was built.
+        bind_wrapper(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        bind_wrapper(model)
         # LocalistTrainer built with a fractional logging_steps (a ratio of the total steps): use the step count the
         # Trainer derived from it, known only now (state.logging_steps), instead of measuring at every step.
         if getattr(self, "_follow_logging_steps", False) and state.logging_steps:
