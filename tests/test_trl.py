@@ -261,3 +261,33 @@ def test_howto_train_trl_examples_run(tmp_path, monkeypatch):
         trainer = namespace["trainer"]
         assert trainer.state.global_step == trainer.args.max_steps
         assert any(k.startswith("localist/") for h in trainer.state.log_history for k in h)
+
+
+# ----------------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_smollm2_sft_trainer_with_block_ids_and_lora(smollm2, tmp_path):
+    """The reported setting: SmolLM2-135M, a dataset with input_ids and block_ids columns, LocalistCallback (here
+    through LocalistSFTTrainer, with a LoRA peft_config)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    hl.apply_localist(model, hl.LocalistConfig(block_assignment="explicit", alpha=1.0))
+    texts = [("The match ended in a draw after extra time.", "Shares of the chip maker rose on Monday."),
+             ("The striker scored twice in the final.", "The central bank left its rates unchanged."),
+             ("Fans filled the stadium for the derby.", "Oil prices fell for a third week."),
+             ("The coach praised his young defenders.", "The startup raised money from investors.")]
+    rows = []
+    for sport, business in texts:
+        a, b = tok(sport)["input_ids"], tok(" " + business)["input_ids"]
+        rows.append({"input_ids": a + b, "block_ids": [1] * len(a) + [2] * len(b)})
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = LocalistSFTTrainer(model=model, args=_config(tmp_path, max_steps=2, per_device_train_batch_size=2,
+                                                           learning_rate=1e-3),
+                                 train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora,
+                                 localist_log_every=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    calls = _train_and_capture(trainer)
+    assert set(_rows(calls)) <= {tuple(r["block_ids"]) for r in rows}
+    assert any("localist/block_mass" in h for h in trainer.state.log_history)
+    _assert_blocks_reach_the_attention(trainer, batch)
