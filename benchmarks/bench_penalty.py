@@ -1,5 +1,9 @@
 """Training-step overhead of the group-lasso penalty (loss term and proximal step) vs no penalty.
 
+Variants: ``none``; ``loss`` (the penalty's gradient through ``outputs.loss``); ``prox`` (the proximal step
+preconditioned by AdamW's own step, ``prox_step(handle, lr, optimizer=opt)``: what ``LocalistCallback`` runs);
+``prox-plain`` (the plain ``lr * lambda`` shrink, ``prox_preconditioner='none'``).
+
 One model, one batch, one optimizer; the three variants run interleaved, repetition by repetition, so that the
 machine's noise hits them alike; the table reports the median step time of each as a ratio to no penalty.
 
@@ -20,7 +24,7 @@ from hf_localist import LocalistConfig, apply_localist
 from hf_localist.training.penalty import prox_step
 
 
-def build(args, penalty: str):
+def build(args, penalty: str, preconditioner: str = "auto"):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
@@ -28,7 +32,8 @@ def build(args, penalty: str):
     model = LlamaForCausalLM(cfg).train()
     handle = apply_localist(model, LocalistConfig(alpha=1.0, backend="segment", block_assignment="explicit",
                                                   active_blocks=list(range(1, args.blocks + 1)), penalty=penalty,
-                                                  penalty_lambda=1e-3))
+                                                  penalty_lambda=1e-3,
+                                                  prox_preconditioner=preconditioner))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, handle, opt
 
@@ -38,7 +43,7 @@ def step(model, handle, opt, batch, prox: bool) -> None:
     out.loss.backward()
     opt.step()
     if prox:
-        prox_step(handle, opt.param_groups[0]["lr"])
+        prox_step(handle, opt.param_groups[0]["lr"], optimizer=opt)
     opt.zero_grad(set_to_none=True)
 
 
@@ -60,14 +65,16 @@ def main(argv=None) -> dict:
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     blocks = (torch.arange(args.seq) * args.blocks // args.seq + 1).expand(args.batch, args.seq).contiguous()
     batch = {"input_ids": ids, "labels": ids, "block_ids": blocks}
-    variants = {name: build(args, pen) for name, pen in (("none", "none"), ("loss", "loss"), ("prox", "prox"))}
+    variants = {name: build(args, pen, pre) for name, pen, pre in (("none", "none", "auto"), ("loss", "loss", "auto"),
+                                                                     ("prox", "prox", "auto"),
+                                                                     ("prox-plain", "prox", "none"))}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, (model, handle, opt) in variants.items():  # warm-up
-        step(model, handle, opt, batch, prox=name == "prox")
+        step(model, handle, opt, batch, prox=name.startswith("prox"))
     for _ in range(args.reps):
         for name, (model, handle, opt) in variants.items():
             t0 = time.perf_counter()
-            step(model, handle, opt, batch, prox=name == "prox")
+            step(model, handle, opt, batch, prox=name.startswith("prox"))
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(v) for name, v in times.items()}
     print(f"\nTraining step, Llama {args.layers} layers x {args.hidden} wide, {args.heads} heads, batch {args.batch}, "

@@ -97,6 +97,10 @@ def test_threshold_quick(tmp_path):
     assert high["kkt_ratio_max"] is not None and high["kkt_ratio_max"] <= 1.5
     assert res["empirical"]["max_grad_at_zero"] and len(res["empirical"]["max_grad_at_zero"]) == 16
     assert "sgd" in res["baseline"] and res["reading"]
+    # AdamW with the preconditioned proximal step: zeros far above the threshold too (the plain step gave none).
+    adamw = {r["multiplier"]: r for r in res["summary"] if r["optimizer"] == "adamw"}
+    assert adamw[max(adamw)]["zero_fraction"] >= 0.9, adamw[max(adamw)]
+    assert adamw[max(adamw)]["kkt_ratio_max"] is not None and adamw[max(adamw)]["kkt_ratio_max"] <= 1.5
 
 
 @pytest.mark.slow
