@@ -88,12 +88,19 @@ _LAZY = {
     "LocalistTrainer": ".trainer",
     "LocalistCallback": ".training.callback",
     "RecruitmentCallback": ".recruitment.recruit",
+    "LocalistSFTTrainer": ".integrations.trl",  # needs the ``trl`` extra
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        try:
+            module = importlib.import_module(_LAZY[name], __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != "trl":
+                raise
+            raise ImportError(f"hf_localist.{name} needs TRL: pip install \"hf-localist[trl]\"") from exc
+        value = getattr(module, name)
         globals()[name] = value  # later lookups find it directly
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

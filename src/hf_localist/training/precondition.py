@@ -28,6 +28,7 @@ foreach variants, ``amsgrad``). Anything else raises :class:`~hf_localist.errors
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -92,10 +93,10 @@ def step_scale(optimizer) -> Callable[[torch.nn.Parameter], torch.Tensor | None]
         if step < 1:  # no step taken yet: the optimizer has no second moment, nothing to match
             return torch.full(p.shape, lr, device=p.device)
         v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
-        bias2 = 1.0 - beta2**step
-        # torch.optim.Adam(W): denom = sqrt(v) / sqrt(1 - beta2^t) + eps  (the update is lr * m_hat / denom)
-        denom = (v.float() / bias2).sqrt_().add_(float(group["eps"]))
-        return denom.reciprocal_().mul_(lr)
+        c = math.sqrt(1.0 - beta2**step)
+        # torch.optim.Adam(W): denom = sqrt(v) / c + eps, c = sqrt(1 - beta2^t) (the update is lr * m_hat / denom);
+        # lr / denom = lr c / (sqrt(v) + eps c): four elementwise passes, in place after the first.
+        return v.float().sqrt().add_(float(group["eps"]) * c).reciprocal_().mul_(lr * c)
 
     return pick
 
