@@ -98,6 +98,20 @@ def test_head_blocks_assignment():
     assert head_blocks(4, 4, [], 0.25).tolist() == [0, 0, 0, 0]
 
 
+def test_head_blocks_every_block_gets_a_head_when_general_heads_take_k_groups():
+    # 8 heads, 4 K heads, 4 blocks, the default general fraction: the 2 general heads take K group 3, and grouping
+    # the other 6 heads by K group would give only 3 blocks heads (block 4 none: its queries had no owning head).
+    assert head_blocks(8, 4, [1, 2, 3, 4], 0.25).tolist() == [1, 2, 3, 4, 1, 2, 0, 0]
+    for h, h_kv, n, frac in [(16, 4, 4, 0.25), (8, 4, 4, 0.25), (12, 4, 3, 0.5), (8, 2, 2, 0.5), (32, 8, 4, 0.25)]:
+        active = list(range(1, n + 1))
+        blocks = head_blocks(h, h_kv, active, frac)
+        assert set(blocks.tolist()) - {0} == set(active), (h, h_kv, n, frac, blocks.tolist())
+        assert int((blocks == 0).sum()) == int(frac * h)
+    # Enough K groups left for the blocks: still by K group (heads sharing a K head share a block).
+    by_group = [b for b in (1, 2, 3, 4, 1, 2) for _ in range(4)]
+    assert head_blocks(32, 8, [1, 2, 3, 4], 0.25).tolist() == by_group + [0] * 8
+
+
 def test_penalty_weights_masks_general_heads_own_blocks_and_early_layers():
     _, handle = _llama(penalty_lambda=0.3, first_local_layer=1)
     lam = penalty_weights(handle)

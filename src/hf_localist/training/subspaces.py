@@ -24,15 +24,18 @@ def head_blocks(num_heads: int, num_kv_heads: int, active_blocks: list[int], gen
     """(H,) block of each query head; 0 = general (never penalised).
 
     The last ``floor(general_fraction * H)`` heads are general; the others take ``active[g mod n]`` where ``g`` is
-    the head's key/value group (``h // (H / H_kv)``), so every head that reads one K head has the same block.
+    the head's key/value group (``h // (H / H_kv)``), so every head that reads one K head has the same block. When
+    the non-general heads span fewer K groups than there are blocks, they take ``active[h mod n]`` (one head at a
+    time), so that every block gets heads whenever there are at least ``n`` non-general heads.
     """
     n_general = math.floor(general_fraction * num_heads)
     blocks = torch.zeros(num_heads, dtype=torch.long)
     if not active_blocks:
         return blocks
     group = torch.arange(num_heads) // (num_heads // num_kv_heads)
-    n_groups = num_kv_heads
-    # With fewer K groups than blocks, fall back to round-robin per head so every block gets heads.
+    # K groups the non-general heads read: the general heads (the last ones) may take whole groups, and counting
+    # those would leave blocks without a head (8 heads, 4 K heads, 4 blocks, fraction 0.25: block 4 had none).
+    n_groups = len(torch.unique(group[: num_heads - n_general]))
     key = group if n_groups >= len(active_blocks) else torch.arange(num_heads)
     for h in range(num_heads - n_general):
         blocks[h] = active_blocks[int(key[h]) % len(active_blocks)]
