@@ -165,3 +165,41 @@ def test_adamw_groups_stay_zero_above_the_calibrated_threshold_and_not_far_below
     # The plain lr * lambda shrink (the step before preconditioning) gives no zeros at 10x the threshold.
     plain, _ = _train(task, threshold, 10.0, preconditioner="none", steps=200)
     assert not bool(plain[-1][pen].any())
+
+
+# ---------------------------------------------------------------------------------- locality over the owning heads
+def test_recorder_reports_mass_over_the_heads_that_own_the_query_block():
+    from hf_localist.attention.recorder import DiagnosticsRecorder
+
+    # 1 sequence, 3 heads owning blocks [1, 2, 1], 2 queries (blocks 1 and 2) over 4 keys: sink, b1, b1, b2.
+    probs = torch.tensor([[[[0.1, 0.6, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]],
+                           [[0.1, 0.3, 0.3, 0.3], [0.1, 0.3, 0.3, 0.3]],
+                           [[0.5, 0.3, 0.1, 0.1], [0.5, 0.1, 0.1, 0.3]]]])  # (B=1, H=3, T=2, S=4)
+    q_blocks = torch.tensor([[1, 2]])
+    k_blocks, k_anchor = torch.tensor([[0, 1, 1, 2]]), torch.tensor([[False, True, False, True]])
+    k_sink, valid = torch.tensor([[True, False, False, False]]), torch.ones(1, 2, dtype=torch.bool)
+    rec = DiagnosticsRecorder(head_blocks=torch.tensor([1, 2, 1]))
+    rec.record(0, probs, q_blocks, q_blocks, k_blocks, k_anchor, k_sink, valid)
+    p = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True)  # sink dropped, renormalised: (1, 3, 2, 3)
+    own_bm_q0 = (p[0, 0, 0, :2].sum() + p[0, 2, 0, :2].sum()) / 2  # query 0 (block 1): heads 0 and 2
+    own_bm_q1 = p[0, 1, 1, 2]  # query 1 (block 2): head 1 only
+    torch.testing.assert_close(rec.per_query(0, "owned_block_mass")[0], torch.stack([own_bm_q0, own_bm_q1]))
+    torch.testing.assert_close(rec.per_query(0, "owned_pointer_fidelity")[0, 0], (p[0, 0, 0, 0] + p[0, 2, 0, 0]) / 2)
+    all_bm_q0 = p[0, :, 0, :2].sum(-1).mean()
+    torch.testing.assert_close(rec.per_query(0, "block_mass")[0, 0], all_bm_q0)
+    assert "owned_block_mass" in rec.summary()["mean"]
+    with pytest.raises(LocalistConfigError, match="head_blocks"):
+        DiagnosticsRecorder().values(0, "owned_block_mass")
+    with pytest.raises(LocalistConfigError, match="3 heads"):
+        DiagnosticsRecorder(head_blocks=torch.tensor([1, 2, 1])).record(0, probs[:, :2], q_blocks, q_blocks,
+                                                                        k_blocks, k_anchor, k_sink, valid)
+
+
+def test_callback_logs_owned_locality():
+    model = build_model("llama", seed=5)
+    handle = hl.apply_localist(model, _cfg(backend="dense"))
+    ids, blocks = random_ids(2, 12, seed=5), random_block_ids(2, 12, seed=5)
+    cb = hl.LocalistCallback(log_every=1, kkt=False)
+    out = cb.measure(handle, model, {"input_ids": ids, "labels": ids, "block_ids": blocks})
+    assert {"localist/owned_block_mass", "localist/owned_pointer_fidelity", "localist/penalty"} <= set(out)
+    assert 0.0 <= out["localist/owned_block_mass"] <= 1.0

@@ -93,10 +93,14 @@ class LocalistHandle:
         return [self.state.layer_alpha(layer, alpha) for layer in range(self.state.num_layers)]
 
     @contextlib.contextmanager
-    def record(self) -> Iterator[DiagnosticsRecorder]:
-        """Collect H_t, PF_t and BM_t of every localised layer for the forwards inside the block."""
+    def record(self, head_blocks=None) -> Iterator[DiagnosticsRecorder]:
+        """Collect H_t, PF_t and BM_t of every localised layer for the forwards inside the block.
+
+        ``head_blocks`` ((H,) block owned by each query head, e.g. ``hf_localist.training.head_block_map(handle)``)
+        adds PF and BM over the heads that own the query's block (``owned_pointer_fidelity``, ``owned_block_mass``).
+        """
         self._check_active()
-        recorder = DiagnosticsRecorder()
+        recorder = DiagnosticsRecorder(head_blocks=head_blocks)
         with scoped(self.state, recorder=recorder):  # this thread / task only, as dial()
             yield recorder
 

@@ -2,6 +2,7 @@
 
 from .calibration import ConstantsReport, estimate_constants
 from .callback import LocalistCallback
-from .penalty import group_norms, penalty, prox_step
+from .penalty import group_norms, head_block_map, penalty, prox_step
 
-__all__ = ["ConstantsReport", "LocalistCallback", "estimate_constants", "group_norms", "penalty", "prox_step"]
+__all__ = ["ConstantsReport", "LocalistCallback", "estimate_constants", "group_norms", "head_block_map", "penalty",
+           "prox_step"]

@@ -8,7 +8,8 @@
 - every ``log_every`` steps it measures, on a fixed diagnostics batch (the first training batch), the penalty
   (``localist/penalty``, the group-lasso sum at the current weights; the logged ``loss`` stays the data loss), the
   group-norm statistics, the number of zero groups, the KKT ratios ``||grad_g L_data|| / lambda_g`` of the zero groups
-  (one extra forward/backward of the data loss alone, unclipped), and mean ``H_t``, ``PF_t``, ``BM_t``; the
+  (one extra forward/backward of the data loss alone, unclipped), and mean ``H_t``, ``PF_t``, ``BM_t`` (PF and BM also
+  over the heads that own the query's block: ``owned_pointer_fidelity``, ``owned_block_mass``); the
   values go into the Trainer's logs (``localist/...`` keys), so TensorBoard, W&B and the progress bar show them;
 - its counters are an ``ExportableState``: they survive ``resume_from_checkpoint`` when
   ``restore_callback_states_from_checkpoint=True`` (``LocalistTrainer`` turns that on).
@@ -27,7 +28,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..errors import LocalistConfigError, LocalistStateError
 from ..patch.adapters import bind_wrapper
-from .penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
+from .penalty import group_norms, head_block_map, kkt_ratios, penalty, penalty_weights, prox_step
 
 
 def localist_handle_of(model) -> Any:
@@ -148,7 +149,8 @@ class LocalistCallback(TrainerCallback, ExportableState):
         model.eval()
         try:
             if self.diagnostics:
-                with torch.no_grad(), handle.record() as rec:
+                heads = head_block_map(handle) if handle.config.active_block_list() else None
+                with torch.no_grad(), handle.record(head_blocks=heads) as rec:
                     model(**batch)
                 for name, value in rec.summary()["mean"].items():
                     if not math.isnan(value):

@@ -43,6 +43,12 @@ class GroupNorms:
     k: torch.Tensor  # (L, H_kv, n)
 
 
+def head_block_map(handle) -> torch.Tensor:
+    """(H,) the block each query head owns (0 = general) for the current active blocks: ``b(h)`` of the penalty;
+    pass it to ``handle.record(head_blocks=...)`` for the owning heads' PF and BM."""
+    return _head_blocks(handle)
+
+
 def _head_blocks(handle) -> torch.Tensor:
     cfg = handle.config
     h, h_kv, _ = head_counts(handle)
