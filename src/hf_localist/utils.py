@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+from .errors import LocalistLoadError
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -44,3 +47,16 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def read_json_object(path: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``LocalistLoadError`` naming the file and ``fix`` (what the user should do) when
+    it is missing, unreadable, not JSON, nested too deeply to parse, or anything but an object."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, RecursionError) as e:
+        raise LocalistLoadError(f"{path!r} is corrupt or unreadable ({type(e).__name__}: {e}): {fix}") from None
+    if not isinstance(data, dict):
+        raise LocalistLoadError(f"{path!r} is corrupt (a JSON {type(data).__name__}, not an object): {fix}")
+    return data

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ..config.localist import LOCALIST_CONFIG_NAME, MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistLoadError
 from ..savedir import verify_directory
+from ..utils import read_json_object
 from .adapters import ADAPTER_CONFIG_NAME, is_adapter_directory, is_peft_model
 from .apply import apply_localist
 from .persistence import load_localist_state
@@ -134,16 +135,7 @@ def _load_adapter(path: str, base_model: Any, localist_config: LocalistConfig | 
 
 
 def _read_adapter_config(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError, RecursionError) as e:
-        raise LocalistLoadError(f"{path!r} is not a readable adapter config ({type(e).__name__}: {e}): save the "
-                                "adapter again") from None
-    if not isinstance(data, dict):
-        raise LocalistLoadError(f"{path!r} is corrupt (a JSON {type(data).__name__}, not an object): save the "
-                                "adapter again")
-    return data
+    return read_json_object(path, "save the adapter again")
 
 
 def _base_model(path: str, adapter_config_path: str, adapter_config: dict, base_model: Any, model_class: Any,

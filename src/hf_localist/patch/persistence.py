@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config.localist import LOCALIST_CONFIG_NAME
 from ..errors import LocalistLoadError, LocalistStateError
 from ..savedir import update_manifest
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, read_json_object
 
 STATE_FILE = "localist_state.safetensors"
 _TENSORS = ("subspaces", "lambda_threshold", "centroids", "block_enabled")
@@ -198,13 +198,4 @@ def _load_block_records(handle, directory: str) -> bool:
 def _read_record(path: str) -> dict:
     """The JSON object in ``path``, or a ``LocalistLoadError`` naming the file (also for a directory, a file nested
     too deeply to parse, or anything but an object)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            record = json.load(fh)
-    except (ValueError, OSError, RecursionError) as e:
-        raise LocalistLoadError(f"{path!r} is corrupt or unreadable ({type(e).__name__}: {e}): re-save the model") \
-            from None
-    if not isinstance(record, dict):
-        raise LocalistLoadError(f"{path!r} is corrupt (a JSON {type(record).__name__}, not an object): re-save the "
-                                "model")
-    return record
+    return read_json_object(path, "re-save the model")
