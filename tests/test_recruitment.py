@@ -538,5 +538,6 @@ def test_a_single_block_is_accepted_alone_when_unassigned_tokens_are_hidden():
     assert new[0]["accepted"] and new[0]["dL_total"] <= -50.0 and new[1] == [1]
     assert new[4][1] >= 0.95 and new[3] < new[2]
     print(f"\nSINGLE BLOCK: visible general block dL_data={old[0]['dL_data']:.3g} (rejected); rest hidden "
-          f"dL_data={new[0]['dL_data']:.1f} dL_total={new[0]['dL_total']:.1f} purity={new[4][1]:.3f} held-out NLL/token "
+          f"dL_data={new[0]['dL_data']:.1f} dL_total={new[0]['dL_total']:.1f} purity={new[4][1]:.3f} "
+          f"held-out NLL/token "
           f"{new[2] / held[:, 1:].numel():.4f} -> {new[3] / held[:, 1:].numel():.4f}")

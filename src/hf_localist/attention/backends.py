@@ -585,12 +585,13 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
     """Hard-mode attention with block-sparse work (alpha_l = 1).
 
     Groups are (row r, block k) pairs present among the queries. Group (r, k >= 1) sees keys of block k, of block
-    0 (unless ``layout.general_visible`` is False) and the sink; group (r, 0) sees every key; always within causality and the mask transformers gave. Each
-    group's queries and visible keys are gathered into the batch dimension of an SDPA call (see
-    :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask tensor), and the outputs are
-    gathered back to (B, T, H, D). The plan is computed once per forward call and shared by the layers; the
-    gathers' backward passes are gathers too. A logit ``softcap`` (Gemma 2) is applied before the mask, as the
-    model's own attention does (then each group runs as an explicit softmax instead of SDPA).
+    0 (unless ``layout.general_visible`` is False) and the sink; group (r, 0) sees every key; always within
+    causality and the mask transformers gave. Each group's queries and visible keys are gathered into the batch
+    dimension of an SDPA call (see :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask
+    tensor), and the outputs are gathered back to (B, T, H, D). The plan is computed once per forward call and
+    shared by the layers; the gathers' backward passes are gathers too. A logit ``softcap`` (Gemma 2) is applied
+    before the mask, as the model's own attention does (then each group runs as an explicit softmax instead of
+    SDPA).
     """
     b, h, t, d = query.shape
     s = key.shape[2]
