@@ -541,3 +541,60 @@ def test_a_single_block_is_accepted_alone_when_unassigned_tokens_are_hidden():
           f"dL_data={new[0]['dL_data']:.1f} dL_total={new[0]['dL_total']:.1f} purity={new[4][1]:.3f} "
           f"held-out NLL/token "
           f"{new[2] / held[:, 1:].numel():.4f} -> {new[3] / held[:, 1:].numel():.4f}")
+
+
+# ---------------------------------------------------------------------------------- accepting never makes it worse
+def _nll_sum(handle, held) -> float:
+    from hf_localist.recruitment.ops import score_tokens
+
+    return float(score_tokens(handle, batches(held, 32))[0].sum())
+
+
+def test_an_accepting_pass_does_not_raise_heldout_nll(trained4):
+    model, handle = fresh(trained4)
+    held = trained4["held"][:128]
+    before = _nll_sum(handle, held)
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30),
+                        heldout=batches(held, 32), max_passes=1)
+    assert accepted(decisions) and handle.config.active_block_list()
+    after = _nll_sum(handle, held)
+    assert after <= before
+    row = accepted(decisions)[0]
+    assert row["weights"] == "trained" and row["heldout_nll_before"] == pytest.approx(before)
+    assert row["heldout_nll_after"] == pytest.approx(after)
+
+
+def test_a_pass_whose_trained_weights_are_worse_keeps_the_old_weights_or_accepts_nothing(trained4, monkeypatch):
+    """Every budget ends with its weights damaged (as an overfitting budget would): the arms still compare equal
+    budgets, so blocks pass against the *without* arm, but the trained weights are worse than the model before the
+    pass. The pass must then keep the pre-pass weights (if the blocks alone are not worse) or accept nothing."""
+    import importlib
+
+    rec = importlib.import_module("hf_localist.recruitment.recruit")  # the module (the package exports the function)
+    real = rec.train_budget
+
+    def damaging(handle, batches_, lr, seed, max_grad_norm=1.0):
+        ok = real(handle, batches_, lr, seed, max_grad_norm)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in handle.model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        return ok
+
+    monkeypatch.setattr(rec, "train_budget", damaging)
+    model, handle = fresh(trained4)
+    held = trained4["held"][:128]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _nll_sum(handle, held)
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30, theta_block=0.0),
+                        heldout=batches(held, 32), max_passes=1)
+    scored = [d for d in decisions if "heldout_nll_trained" in d]
+    assert scored and all(d["heldout_nll_trained"] > before for d in scored)  # the guard had something to do
+    assert _nll_sum(handle, held) <= before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name  # the damaged weights were never kept
+    if accepted(decisions):
+        assert {d["weights"] for d in accepted(decisions)} == {"pre_pass"}
+    else:
+        assert "worse_than_before" in {d["reason"] for d in decisions}
