@@ -1,7 +1,7 @@
 """``hf-localist recruit`` (cli/recruit.py): recruitment on any CSV, results.json / report.md, and its errors.
 
-The runs are tiny (a few steps, budgets of 2 steps) so that they check the plumbing in seconds; a slow test runs
-long enough on the bundled AG News sample for blocks to be accepted.
+The runs are tiny (a few steps, budgets of 2 steps): they check the plumbing and the files, not what is recruited
+(docs/recruitment.md reports a full run on the bundled sample).
 """
 
 from __future__ import annotations
@@ -111,17 +111,3 @@ def test_recruit_errors_are_one_line(tmp_path, capsys):
         cli.main(["recruit", "--data", data, "--output_dir", out])
     assert e.value.code == 2
     assert not (tmp_path / "out" / "results.json").exists()
-
-
-@pytest.mark.slow
-def test_recruit_on_the_bundled_csv_accepts_blocks(tmp_path, capsys):
-    out = tmp_path / "out"
-    rc, _, err = _run(capsys, "--data", data_path(), "--text_column", "text", "--label_column", "topic",
-                      "--output_dir", str(out), "--steps", "100", "--every", "50", "--budget_steps", "15",
-                      "--no_progress")
-    assert rc == 0, err
-    res = json.loads((out / "results.json").read_text())
-    _check_results(res, labelled=True)
-    assert res["blocks"], res["decisions"]
-    assert res["heldout_nll_with_blocks"] < res["heldout_nll_without_blocks"]
-    assert all(b["top_tokens"] for b in res["blocks"])

@@ -1,10 +1,10 @@
 """``hf-localist recruit``: recruit blocks on the text of any CSV file and report what they are.
 
-The run is the recruitment part of ``hf-localist demo`` (:func:`hf_localist.demo.recruit.run_recruitment`) on the
-user's text: sequences of 2-4 rows concatenated without anchors, a tiny Llama trained from scratch on them (word-level
-tokenizer built from the text, content-blind attention) with a recruitment pass every ``--every`` steps. Rows are
-split into training and held-out text (per label when ``--label_column`` is given); every number in the report is
-measured on the held-out rows. Writes ``results.json`` and ``report.md`` to ``--output_dir``.
+The run is the recruitment part of ``hf-localist demo`` (:func:`hf_localist.demo.recruit.run_recruitment`) on
+the user's text: sequences of 2-4 rows, one after the other without anchors, a tiny Llama trained from scratch on
+them (word-level tokenizer built from the text, content-blind attention) with a recruitment pass every ``--every``
+steps. Rows are split into training and held-out text (per label when ``--label_column`` is given); every number in
+the report is measured on the held-out rows. Writes ``results.json`` and ``report.md`` to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -232,7 +232,9 @@ class RecruitCommand(Command):
         check_output_dir(a.output_dir)
         every = a.every or max(1, a.steps // 3)
         try:
+            # chunk_tokens=0: the rows of a sequence one after the other (the demo interleaves its articles)
             settings = replace(RecruitSettings(), steps=a.steps, every=every, budget_steps=a.budget_steps,
+                               chunk_tokens=0,
                                max_blocks=a.max_blocks, max_clusters=a.max_clusters, theta_block=a.theta_block,
                                **{k: v for k, v in localist_overrides(a).items() if k in CONFIG_FLAGS})
             if not settings.theta_block >= 0:
