@@ -111,3 +111,27 @@ def test_recruit_errors_are_one_line(tmp_path, capsys):
         cli.main(["recruit", "--data", data, "--output_dir", out])
     assert e.value.code == 2
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_recruit_fine_tunes_a_pretrained_model_with_lora(tmp_path, capsys):
+    from helpers import build_model, word_tokenizer
+
+    data = _small_csv(tmp_path / "news.csv", n_per_label=10)
+    with open(data, newline="", encoding="utf-8") as fh:
+        words = sorted({w for row in csv.DictReader(fh) for w in row["body"].split()})
+    tokenizer = word_tokenizer(words, specials=("[PAD]", "[BOS]", "[EOS]", "[UNK]"))
+    model_dir = tmp_path / "tiny"
+    build_model("llama", seed=0, vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "--data", data, "--text_column", "body", "--label_column", "category", "--model",
+                      str(model_dir), "--output_dir", str(out), "--max_blocks", "2", *FAST)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    _check_results(res, labelled=True)
+    assert res["model"] == str(model_dir) and 0 < res["trainable_parameters"] < res["model_parameters"]
+    assert res["settings"]["first_local_layer"] == 1 and res["settings"]["freeze_qk"] is False  # half of 2 layers
+    assert "fine-tuned with LoRA" in (out / "report.md").read_text()
+    rc, _, err = _run(capsys, "--data", data, "--text_column", "body", "--model", str(tmp_path / "nothing"),
+                      "--output_dir", str(out), *FAST)
+    assert rc == 1 and "not a model directory" in err

@@ -96,18 +96,51 @@ def split_rows(texts: list[str], labels: list[str] | None, seed: int, test_fract
     return train, held, names
 
 
+def load_pretrained(model_dir: str, lora_r: int = 8):
+    """(peft LoRA model, tokenizer, sink id, pad id) of a local causal-LM directory; only the adapters train."""
+    from peft import LoraConfig, get_peft_model  # peft is a dependency; imported where it is used
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..demo.passages import sink_token_id
+
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise LocalistLoadError(f"--model {model_dir!r} is not a model directory with a config.json: pass a directory "
+                                "written by save_pretrained (e.g. `hf-localist fetch smollm2-135m --output_dir DIR`)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise LocalistLoadError(f"--model {model_dir!r} has no usable tokenizer ({type(e).__name__}: {e}): save the "
+                                "model's tokenizer into the directory") from None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sink = sink_token_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # target_modules=None: peft's own per-architecture defaults (q_proj / v_proj for Llama, ...), so any model works.
+    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0,
+                                                  task_type="CAUSAL_LM"))
+    return peft_model, tokenizer, sink, (sink if pad is None else pad)
+
+
 def recruit_csv(data: str, text_column: str, label_column: str | None, settings: RecruitSettings, seed: int = 0,
-                progress: bool = True) -> dict[str, Any]:
-    """Run recruitment on the text of a CSV file (see the module docstring); returns the results dict."""
+                progress: bool = True, model_dir: str | None = None) -> dict[str, Any]:
+    """Run recruitment on the text of a CSV file (see the module docstring); returns the results dict.
+
+    ``model_dir``: fine-tune that pretrained causal LM with LoRA (its own tokenizer) instead of training a tiny
+    Llama from scratch."""
     texts, labels = read_text_csv(data, text_column, label_column)
     train, held, names = split_rows(texts, labels, seed)
-    tokenizer = build_tokenizer([a.text for a in train])
+    model = bos = pad = None
+    if model_dir is None:
+        tokenizer = build_tokenizer([a.text for a in train])
+    else:
+        torch.manual_seed(seed)
+        model, tokenizer, bos, pad = load_pretrained(model_dir)
     train_enc = encode_articles(tokenizer, train, settings.max_article_tokens)
     held_enc = encode_articles(tokenizer, held, settings.max_article_tokens)
     if len(train_enc) < 2 or not held_enc:
         raise LocalistLoadError(f"--data {data!r}: after tokenizing, {len(train_enc)} training and {len(held_enc)} "
                                 "held-out rows hold words; pass more text")
-    run = run_recruitment(tokenizer, train_enc, held_enc, settings, seed, max(len(names), 1), progress)
+    run = run_recruitment(tokenizer, train_enc, held_enc, settings, seed, max(len(names), 1), progress,
+                          model=model, bos_id=bos, pad_id=pad)
     blocks = []
     for row in run["blocks"]:
         block = {"slot": row["slot"], "heldout_tokens": row["tokens"],
@@ -120,6 +153,8 @@ def recruit_csv(data: str, text_column: str, label_column: str | None, settings:
             block["label_counts"] = dict(zip(names, row["topic_counts"]))
         blocks.append(block)
     return {
+        "model": os.path.abspath(model_dir) if model_dir else None,
+        "trainable_parameters": run["trainable_parameters"],
         "data": {"file": os.path.abspath(data), "text_column": text_column, "label_column": label_column,
                  "rows": len(texts), "train_rows": len(train), "heldout_rows": len(held), "labels": names,
                  "vocabulary": len(tokenizer)},
@@ -160,8 +195,11 @@ def report_markdown(res: dict[str, Any]) -> str:
         f"Data: `{os.path.basename(d['file'])}`, column `{d['text_column']}`"
         + (f", labels from `{d['label_column']}` ({len(d['labels'])} values)" if labelled else ", no labels")
         + f"; {d['rows']} rows ({d['train_rows']} training, {d['heldout_rows']} held out), vocabulary "
-        f"{d['vocabulary']} words. A tiny Llama ({res['model_parameters']} parameters) trained from scratch for "
-        f"{res['settings']['steps']} steps on sequences of 2-4 rows without anchors; a recruitment pass every "
+        f"{d['vocabulary']} tokens. "
+        + (f"A tiny Llama ({res['model_parameters']} parameters) trained from scratch for " if not res["model"] else
+           f"`{os.path.basename(res['model'])}` ({res['model_parameters']} parameters) fine-tuned with LoRA "
+           f"({res['trainable_parameters']} trainable) for ")
+        + f"{res['settings']['steps']} steps on sequences of 2-4 rows without anchors; a recruitment pass every "
         f"{res['settings']['every']} steps ({res['passes']} passes, stopped: `{res['stop_reason']}`).", "",
         f"Held-out NLL (nats per token, {res['heldout_tokens']} tokens, the same weights): with the blocks "
         f"{_num(res['heldout_nll_with_blocks'])}, every block disabled {_num(res['heldout_nll_without_blocks'])}.",
@@ -188,12 +226,24 @@ def report_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _layers(model_dir: str) -> int:
+    """Number of hidden layers in a model directory's config.json (0 when it cannot be read: load errors later)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError):
+        return 0
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    n = text.get("num_hidden_layers", text.get("n_layer", 0))
+    return n if isinstance(n, int) else 0
+
+
 class RecruitCommand(Command):
     """Discover semantic blocks in the text of a CSV file. Rows of --text_column are concatenated 2-4 at a time
-    without any marker, a tiny Llama is trained from scratch on them in centroid mode with no block, and recruitment
-    passes add the blocks whose held-out gain pays their code length. Writes results.json (blocks with their held-out
-    tokens, top tokens and, with --label_column, purity and majority label; held-out NLL with and without the blocks;
-    the timeline) and report.md to --output_dir."""
+    without any marker, a tiny Llama is trained from scratch on them (or --model is fine-tuned with LoRA) in centroid
+    mode with no block, and recruitment passes add the blocks whose held-out gain pays their code length. Writes
+    results.json (blocks with their held-out tokens, top tokens and, with --label_column, purity and majority label;
+    held-out NLL with and without the blocks; the timeline) and report.md to --output_dir."""
 
     name = "recruit"
     help = "recruit blocks on the text of a CSV file and report them"
@@ -208,6 +258,11 @@ class RecruitCommand(Command):
                                  "purity and majority label)")
         parser.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True,
                             help="where results.json and report.md are written")
+        parser.add_argument("--model", default=None,
+                            help="a pretrained causal-LM directory with its tokenizer (e.g. from `hf-localist fetch`): "
+                                 "fine-tune it with LoRA instead of training a tiny Llama from scratch (its Q/K "
+                                 "stay learnable; --first_local_layer defaults to half its layers)")
+        parser.add_argument("--lr", type=float, default=RecruitSettings.lr, help="learning rate (AdamW)")
         parser.add_argument("--max_blocks", "--max-blocks", dest="max_blocks", type=positive_int, default=6,
                             help="block slots recruitment may fill")
         parser.add_argument("--steps", type=positive_int, default=RecruitSettings.steps, help="training steps")
@@ -239,12 +294,20 @@ class RecruitCommand(Command):
                                **{k: v for k, v in localist_overrides(a).items() if k in CONFIG_FLAGS})
             if not settings.theta_block >= 0:
                 raise LocalistConfigError(f"--theta_block {a.theta_block} must be a number >= 0")
+            if not (math.isfinite(a.lr) and a.lr > 0):
+                raise LocalistConfigError(f"--lr {a.lr} must be a number > 0")
+            settings = replace(settings, lr=a.lr, budget_lr=a.lr)
+            if a.model is not None:
+                settings = replace(settings, freeze_qk=False)  # a pretrained model keeps its attention
+                if "first_local_layer" not in localist_overrides(a):
+                    settings = replace(settings, first_local_layer=_layers(a.model) // 2)
         except LocalistConfigError as e:
             raise UsageError(str(e)) from e
         previous = torch.get_num_threads()
         torch.set_num_threads(a.threads)
         try:
-            res = recruit_csv(a.data, a.text_column, a.label_column, settings, a.seed, progress=not a.no_progress)
+            res = recruit_csv(a.data, a.text_column, a.label_column, settings, a.seed, progress=not a.no_progress,
+                              model_dir=a.model)
         finally:
             torch.set_num_threads(previous)
         os.makedirs(a.output_dir, exist_ok=True)

@@ -272,14 +272,18 @@ def scan_proposals(handle, rcfg: RecruitmentConfig, source: BatchSource, step: i
 
 # ---------------------------------------------------------------------------------------------- the run
 def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: int, n_topics: int,
-                    progress: bool = True, vocab_size: int | None = None) -> dict[str, Any]:
+                    progress: bool = True, vocab_size: int | None = None, model=None, bos_id: int | None = None,
+                    pad_id: int | None = None) -> dict[str, Any]:
     """Train the centroid-mode model with recruitment passes every ``s.every`` steps; returns every number.
 
     ``vocab_size``: rows of the model's embedding table (default ``len(tokenizer)``; the demo passes the size
-    before the anchor tokens were added, since this model never sees them).
+    before the anchor tokens were added, since this model never sees them). ``model``: a causal LM to use instead
+    of the tiny blind Llama (a pretrained model, e.g. with LoRA adapters: only its trainable parameters train);
+    ``bos_id`` / ``pad_id``: the sequence start and padding ids (default the tokenizer's).
     """
     start = time.perf_counter()
-    bos_id, pad_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    bos_id = tokenizer.bos_token_id if bos_id is None else bos_id
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     rng = random.Random(seed + 10)
     train_enc = [(t, x[: s.max_article_tokens]) for t, x in train_enc]
     order = list(range(len(train_enc)))
@@ -287,7 +291,8 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
     cut = int(len(order) * s.heldout_train_fraction)
     test_enc = [(t, x[: s.max_article_tokens]) for t, x in test_enc] + [train_enc[i] for i in order[:cut]]
     train_enc = [train_enc[i] for i in sorted(order[cut:])]
-    model = build_blind_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
+    if model is None:
+        model = build_blind_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
     rcfg = RecruitmentConfig(
         every=s.every, epsilon=s.epsilon, theta_block=s.theta_block, min_cluster_tokens=s.min_cluster_tokens,
         max_clusters=s.max_clusters, budget_steps=s.budget_steps, budget_lr=s.budget_lr,
