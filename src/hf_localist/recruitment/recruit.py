@@ -236,22 +236,6 @@ def _attribute(proposals, nll_with, blocks_with, nll_without, rcfg) -> list[dict
     return rows
 
 
-def _solo(handle, snap_w, snap_s, proposal, row, budget, heldout, rcfg, seed, nll_without):
-    """No proposal passed next to the others: with unassigned tokens hidden (``unassigned_visible=False``) a single
-    block is a real restriction, so the largest proposal gets its own arm (fragments of the same cluster, proposed
-    with it, can spoil the joint arm by splitting its tokens). Returns ([proposal] if it passes alone, else []; the
-    arm's scores). The row keeps the joint numbers as ``joint_dL_data`` / ``joint_dL_total``."""
-    scored = _arm(handle, snap_w, snap_s, [proposal], budget, heldout, rcfg, seed)
-    if scored is None:
-        return [], None
-    alone = _attribute([proposal], *scored, nll_without, rcfg)[0]
-    row.update(joint_dL_data=row["dL_data"], joint_dL_total=row["dL_total"], dL_data=alone["dL_data"],
-               dL_total=alone["dL_total"], heldout_tokens=alone["heldout_tokens"], solo=True)
-    if alone["accepted"]:
-        row.update(accepted=True, reason="accepted")
-    return ([proposal] if alone["accepted"] else []), scored
-
-
 def _no_worse(handle, snap_w, heldout, before: torch.Tensor, after: torch.Tensor) -> tuple[str | None, float]:
     """Accepting never makes the model worse on the held-out tokens: the summed NLL after the pass must not exceed
     the NLL before it. The accepted blocks come with the weights of the arm that trained them; when that arm is
@@ -370,11 +354,7 @@ def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
             rows = _attribute(proposals, *with_all, without[0], rcfg)
             passing = [p for p, r in zip(proposals, rows) if r["accepted"]]
             scored = with_all
-            if not passing and len(proposals) > 1 and not cfg.unassigned_visible:
-                passing, solo = _solo(handle, snap_w, snap_s, proposals[0], rows[0], budget, heldout, rcfg, arm_seed,
-                                      without[0])
-                scored = solo if passing else scored
-            elif passing and len(passing) < len(proposals):  # confirm arm: the passing subset alone
+            if passing and len(passing) < len(proposals):  # confirm arm: the passing subset alone
                 scored = _arm(handle, snap_w, snap_s, passing, budget, heldout, rcfg, arm_seed)
                 again = _attribute(passing, *scored, without[0], rcfg) if scored is not None else []
                 for r, a in zip([r for r in rows if r["accepted"]], again):
