@@ -428,3 +428,173 @@ def test_batches_from_transformers_collators_are_accepted():
     assert len(batches_of([BatchEncoding({"input_ids": ids[0]})] * 3, 2)) == 2
     with pytest.raises(LocalistConfigError, match="got list"):
         clean_batch([ids])
+
+
+# ---------------------------------------------------------------------------------- a single block can pay alone
+def _rest_reference(q, k, v, blocks, valid, alpha, scale):
+    """Localist attention with unassigned tokens hidden from blocks, written out: a query of block b >= 1 gets
+    log(1 - alpha) on every non-sink key of another block, block 0 included; block-0 queries are unbiased."""
+    b, _, t, _ = q.shape
+    mask = torch.zeros(b, 1, t, t, dtype=q.dtype)
+    for r in range(b):
+        sink = int(valid[r].long().argmax())
+        for i in range(t):
+            for s in range(t):
+                if s > i or not valid[r, s]:
+                    mask[r, 0, i, s] = -math.inf
+                elif blocks[r, i] >= 1 and s != sink and blocks[r, s] != blocks[r, i]:
+                    mask[r, 0, i, s] += math.log1p(-alpha) if alpha < 1 else -math.inf
+            if torch.isneginf(mask[r, 0, i]).all():
+                mask[r, 0, i, 0] = 0.0
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1)
+    return (probs @ v).transpose(1, 2)  # (B, T, H, D)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_unassigned_tokens_hidden_from_blocks_in_every_backend():
+    from helpers import left_pad_mask, random_block_ids
+
+    from hf_localist.attention.backends import Layout, dense_attention, segment_attention
+    from hf_localist.attention.flex import flex_attention_hard
+    from hf_localist.blocks.ids import anchor_flags
+
+    g = torch.Generator().manual_seed(0)
+    b, h, t, d = 3, 2, 14, 8
+    q, k, v = (torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for _ in range(3))
+    blocks = random_block_ids(b, t, seed=3)
+    blocks[:, 5:7] = 0  # unassigned tokens inside the sequence, between blocks
+    pads = [0, 3, 0]
+    valid = left_pad_mask(b, t, pads).bool()
+    base = valid[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()[None, None]  # causal + padding
+    sink = valid.long().argmax(dim=1)
+    scale = d ** -0.5
+    for alpha in (0.6, 1.0):
+        layout = Layout(q_blocks=blocks, k_blocks=blocks, q_pos=torch.arange(t), k_pos=torch.arange(t),
+                        k_anchor=anchor_flags(blocks), sink=sink, causal=True, general_visible=False)
+        ref = _rest_reference(q, k, v, blocks, valid, alpha, scale)
+        out, _ = dense_attention(q, k, v, base, layout, alpha, 0.0, scale)
+        ok = valid[:, :, None, None].expand_as(ref)
+        torch.testing.assert_close(out[ok], ref[ok])
+        visible = dense_attention(q, k, v, base, Layout(**{**layout.__dict__, "general_visible": True}), alpha, 0.0,
+                                  scale)[0]
+        assert not torch.allclose(visible[ok], ref[ok])  # the setting changes the attention of block queries
+    for mask in (base, None):  # hard mode: the block-sparse backends agree (None: causality applied by them)
+        if mask is None:
+            layout.sink = torch.zeros(b, dtype=torch.long)
+            valid_ = torch.ones(b, t, dtype=torch.bool)
+        else:
+            valid_ = valid
+        ref = _rest_reference(q, k, v, blocks, valid_, 1.0, scale)
+        ok = valid_[:, :, None, None].expand_as(ref)
+        seg, _ = segment_attention(q, k, v, mask, layout, 0.0, scale)
+        flex, _ = flex_attention_hard(q, k, v, mask, layout, scale, False)
+        torch.testing.assert_close(seg[ok], ref[ok])
+        torch.testing.assert_close(flex[ok], ref[ok])
+
+
+def _distracted(n: int, seed: int, p_rest: float = 0.3):
+    """Two clusters with the synthetic recipe, cluster 1 in a share ``p_rest`` of the segments only: its tokens
+    (the sequence's own favourite of cluster 1) distract a cluster-0 query that attends to everything."""
+    from helpers import BOS, SYNTH_LEN, SYNTH_VOCAB
+
+    v, t = SYNTH_VOCAB, SYNTH_LEN
+    g = torch.Generator().manual_seed(seed)
+    fav = torch.randint(0, v, (n, 2), generator=g)
+    new = torch.rand(n, t, generator=g) < 0.2
+    new[:, :2] = True
+    clus = (torch.rand(n, t + 1, generator=g) < p_rest).long().gather(1, new.long().cumsum(1))
+    use_fav = (torch.rand(n, t, generator=g) < 0.9) & ~new
+    ids = 3 + clus * v + torch.where(use_fav, fav.gather(1, clus), torch.randint(0, v, (n, t), generator=g))
+    ids[:, 0], clus[:, 0] = BOS, -1
+    return ids, clus
+
+
+@pytest.mark.slow
+def test_a_single_block_is_accepted_alone_when_unassigned_tokens_are_hidden():
+    """The task: cluster 0 is to be read, cluster 1 (30% of the segments) distracts it. The minority cluster is
+    below min_cluster_tokens, so the pass proposes one block. Next to a visible general block it changes no
+    attention (dL_data = 0, rejected); with unassigned tokens hidden it restricts cluster-0 queries to their own
+    tokens, pays its code length alone, and the held-out NLL drops."""
+    train, _ = _distracted(512, 1)
+    held, held_clus = _distracted(128, 2)
+    model = blind_llama(2)
+    localist(model)
+    train_plain(model, train, 150)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rc = rconfig(budget_steps=40, max_clusters=2, min_cluster_tokens=700)
+    results = {}
+    for visible in (True, False):
+        model = blind_llama(2)
+        model.load_state_dict(state)
+        handle = localist(model.eval(), unassigned_visible=visible)
+        before = heldout_nll(model, held)
+        decisions = recruit(model, batches(train[:256], 16), rc, heldout=batches(held, 32), max_passes=1)
+        proposed = [d for d in decisions if d["slot"] is not None]
+        assert len(proposed) == 1  # one block proposed: the minority cluster was too small
+        results[visible] = (proposed[0], handle.config.active_block_list(), before, heldout_nll(model, held),
+                            purities(handle, held, held_clus))
+    old, new = results[True], results[False]
+    assert abs(old[0]["dL_data"]) < 1e-2 and not old[0]["accepted"] and old[1] == []
+    assert new[0]["accepted"] and new[0]["dL_total"] <= -50.0 and new[1] == [1]
+    assert new[4][1] >= 0.95 and new[3] < new[2]
+    print(f"\nSINGLE BLOCK: visible general block dL_data={old[0]['dL_data']:.3g} (rejected); rest hidden "
+          f"dL_data={new[0]['dL_data']:.1f} dL_total={new[0]['dL_total']:.1f} purity={new[4][1]:.3f} "
+          f"held-out NLL/token "
+          f"{new[2] / held[:, 1:].numel():.4f} -> {new[3] / held[:, 1:].numel():.4f}")
+
+
+# ---------------------------------------------------------------------------------- accepting never makes it worse
+def _nll_sum(handle, held) -> float:
+    from hf_localist.recruitment.ops import score_tokens
+
+    return float(score_tokens(handle, batches(held, 32))[0].sum())
+
+
+def test_an_accepting_pass_does_not_raise_heldout_nll(trained4):
+    model, handle = fresh(trained4)
+    held = trained4["held"][:128]
+    before = _nll_sum(handle, held)
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30),
+                        heldout=batches(held, 32), max_passes=1)
+    assert accepted(decisions) and handle.config.active_block_list()
+    after = _nll_sum(handle, held)
+    assert after <= before
+    row = accepted(decisions)[0]
+    assert row["weights"] == "trained" and row["heldout_nll_before"] == pytest.approx(before)
+    assert row["heldout_nll_after"] == pytest.approx(after)
+
+
+def test_a_pass_whose_trained_weights_are_worse_keeps_the_old_weights_or_accepts_nothing(trained4, monkeypatch):
+    """Every budget ends with its weights damaged (as an overfitting budget would): the arms still compare equal
+    budgets, so blocks pass against the *without* arm, but the trained weights are worse than the model before the
+    pass. The pass must then keep the pre-pass weights (if the blocks alone are not worse) or accept nothing."""
+    import importlib
+
+    rec = importlib.import_module("hf_localist.recruitment.recruit")  # the module (the package exports the function)
+    real = rec.train_budget
+
+    def damaging(handle, batches_, lr, seed, max_grad_norm=1.0):
+        ok = real(handle, batches_, lr, seed, max_grad_norm)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in handle.model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        return ok
+
+    monkeypatch.setattr(rec, "train_budget", damaging)
+    model, handle = fresh(trained4)
+    held = trained4["held"][:128]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _nll_sum(handle, held)
+    decisions = recruit(model, batches(trained4["train"][:512], 16), rconfig(budget_steps=30, theta_block=0.0),
+                        heldout=batches(held, 32), max_passes=1)
+    scored = [d for d in decisions if "heldout_nll_trained" in d]
+    assert scored and all(d["heldout_nll_trained"] > before for d in scored)  # the guard had something to do
+    assert _nll_sum(handle, held) <= before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[name]), name  # the damaged weights were never kept
+    if accepted(decisions):
+        assert {d["weights"] for d in accepted(decisions)} == {"pre_pass"}
+    else:
+        assert "worse_than_before" in {d["reason"] for d in decisions}

@@ -34,6 +34,8 @@ class Layout:
     k_anchor: torch.Tensor  # (B, S) bool: key is the first position of a run of its block
     sink: torch.Tensor  # (B,) absolute position of the attention sink (first non-padding token)
     causal: bool  # apply causality when no base mask is given
+    # False (LocalistConfig.unassigned_visible=False): queries of blocks >= 1 do not see block-0 keys (the sink stays)
+    general_visible: bool = True
 
     def key_is_sink(self) -> torch.Tensor:  # (B, S)
         return self.k_pos[None, :] == self.sink[:, None]
@@ -50,7 +52,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def block_bias(layout: Layout, alpha: float, beta_anchor: float, general_bias: float = 0.0) -> torch.Tensor:
     """The additive bias of docs/design.md section 3, shape (B, 1, T, S), float32.
 
-    z'_ts = z_ts + log(1 - alpha)        key in another block j != b(t), j != 0, not the sink
+    z'_ts = z_ts + log(1 - alpha)        key in another block j != b(t), j != 0 (or j = 0 when
+                                          ``layout.general_visible`` is False), not the sink
     z'_ts = z_ts + alpha * beta_anchor    key is an anchor of b(t) (not the sink)
     z'_ts = z_ts + alpha * general_bias   query in block 0, key in a block j >= 1 (not the sink)
     other queries in block 0 are unbiased. log(1 - 1) = -inf: the hard block mask.
@@ -59,7 +62,10 @@ def block_bias(layout: Layout, alpha: float, beta_anchor: float, general_bias: f
     kb = layout.k_blocks[:, None, :]  # (B, 1, S)
     not_sink = ~layout.key_is_sink()[:, None, :]
     biased_query = qb >= 1
-    other = biased_query & (kb >= 1) & (kb != qb) & not_sink
+    hidden = (kb >= 1) & (kb != qb)  # keys of other blocks
+    if not layout.general_visible:
+        hidden = hidden | (kb == 0)  # the 'rest' group: unassigned tokens are another block to a block query
+    other = biased_query & hidden & not_sink
     bias = torch.zeros(other.shape, dtype=torch.float32, device=other.device)
     bias = bias.masked_fill(other, math.log1p(-alpha) if alpha < 1.0 else float("-inf"))
     if beta_anchor > 0.0 and alpha > 0.0:
@@ -347,7 +353,8 @@ def _segment_plan(layout: Layout, attention_mask: torch.Tensor | None, beta_anch
         if g_row.numel():
             q_sel = (qb[g_row] == g_blk[:, None]) & seq_q[g_row]  # (G, T)
             g_kb = kb[g_row]
-            member = (g_kb == g_blk[:, None]) | (g_kb == 0) | (g_blk[:, None] == 0) | is_sink[g_row]  # (G, S)
+            member = ((g_kb == g_blk[:, None]) | ((g_kb == 0) & layout.general_visible) | (g_blk[:, None] == 0)
+                      | is_sink[g_row])  # (G, S)
             if key_ok is not None:
                 member &= key_ok[g_row]
             last = torch.where(q_sel, pos_t, -1).max(dim=1).values + shift
@@ -425,7 +432,8 @@ def _masked_part(layout: Layout, attention_mask, beta_anchor: float, queries: to
     q_idx = _fill_slots(qgi, qri, qti, n_g, q_len, zeros)
     q_valid = _fill_slots(qgi, qri, torch.ones_like(qti), n_g, q_len, zeros) > 0
     g_kb = kb[g_row]  # (G, S)
-    k_member = (g_kb == g_blk[:, None]) | (g_kb == 0) | (g_blk[:, None] == 0) | is_sink[g_row]
+    k_member = ((g_kb == g_blk[:, None]) | ((g_kb == 0) & layout.general_visible) | (g_blk[:, None] == 0)
+                | is_sink[g_row])
     if layout.causal:
         # Keys after the group's last query are never visible under a causal mask: skip them.
         last_q = torch.where(q_valid, layout.q_pos[q_idx], torch.full_like(q_idx, -1)).max(dim=1).values
@@ -577,18 +585,19 @@ def segment_attention(query, key, value, attention_mask, layout: Layout, beta_an
     """Hard-mode attention with block-sparse work (alpha_l = 1).
 
     Groups are (row r, block k) pairs present among the queries. Group (r, k >= 1) sees keys of block k, of block
-    0 and the sink; group (r, 0) sees every key; always within causality and the mask transformers gave. Each
-    group's queries and visible keys are gathered into the batch dimension of an SDPA call (see
-    :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask tensor), and the outputs are
-    gathered back to (B, T, H, D). The plan is computed once per forward call and shared by the layers; the
-    gathers' backward passes are gathers too. A logit ``softcap`` (Gemma 2) is applied before the mask, as the
-    model's own attention does (then each group runs as an explicit softmax instead of SDPA).
+    0 (unless ``layout.general_visible`` is False) and the sink; group (r, 0) sees every key; always within
+    causality and the mask transformers gave. Each group's queries and visible keys are gathered into the batch
+    dimension of an SDPA call (see :func:`_segment_plan`: causal groups run with ``is_causal=True`` and no mask
+    tensor), and the outputs are gathered back to (B, T, H, D). The plan is computed once per forward call and
+    shared by the layers; the gathers' backward passes are gathers too. A logit ``softcap`` (Gemma 2) is applied
+    before the mask, as the model's own attention does (then each group runs as an explicit softmax instead of
+    SDPA).
     """
     b, h, t, d = query.shape
     s = key.shape[2]
     if b * t == 0:
         return query.new_zeros(b, t, h, d), None
-    plan = _PLANS.get("segment", layout, attention_mask, ("segment", b, t, s, beta_anchor),
+    plan = _PLANS.get("segment", layout, attention_mask, ("segment", b, t, s, beta_anchor, layout.general_visible),
                       lambda: _segment_plan(layout, attention_mask, beta_anchor, b, t, s))
     gqa = key.shape[1] != h
     outs = []

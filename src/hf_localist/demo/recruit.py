@@ -70,6 +70,9 @@ class RecruitSettings:
     diagnostic_batches: int = 4
     max_tokens: int = 2048
     patience: int = 2  # passes in a row that accept nothing before recruitment stops (the model is still learning)
+    assign_horizon: float = 1.0  # LocalistConfig.assign_horizon (assignment from context; 1 = per token)
+    assign_min_run: int = 1  # LocalistConfig.assign_min_run (continuity of assignment)
+    unassigned_visible: bool = True  # LocalistConfig.unassigned_visible (False: blocks do not see block-0 tokens)
     source_batches: int = 48  # fixed training batches the passes sample diagnostics and replay from
     top_tokens: int = 8
     min_token_count: int = 3  # a word needs this many held-out occurrences in a block to be a top token
@@ -97,7 +100,15 @@ def plain_sequence(parts: Sequence[tuple[int, list[int]]], bos_id: int, chunk: i
 
 
 def group_articles(encoded: Sequence[tuple[int, list[int]]], rng: random.Random, n_topics: int) -> list[list]:
-    """Every article once, in groups of 2-4 articles of distinct topics (the held-out layout of the dial part)."""
+    """Every article once, in groups of 2-4 articles of distinct topics (the held-out layout of the dial part).
+    With fewer than 2 topics (unlabelled text) the groups are 2-4 articles in a random order."""
+    if n_topics < 2:
+        items = list(encoded)
+        rng.shuffle(items)
+        groups = []
+        while items:
+            groups.append([items.pop() for _ in range(min(rng.randint(2, 4), len(items)))])
+        return groups
     pools = [[x for t, x in encoded if t == k] for k in range(n_topics)]
     for pool in pools:
         rng.shuffle(pool)
@@ -117,13 +128,18 @@ def make_batch(seqs: Sequence[list[int]], pad_id: int) -> dict:
 
 
 class PlainSampler:
-    """Endless training sequences of 2-4 articles of distinct topics, without anchors."""
+    """Endless training sequences of 2-4 articles of distinct topics, without anchors (with fewer than 2 topics:
+    2-4 random articles)."""
 
     def __init__(self, encoded, bos_id: int, n_topics: int, seed: int, chunk: int = 0):
         self.by_topic = [[x for t, x in encoded if t == k] for k in range(n_topics)]
         self.bos_id, self.rng, self.chunk = bos_id, random.Random(seed), chunk
 
     def sequence(self) -> list[int]:
+        if len(self.by_topic) < 2:
+            pool = self.by_topic[0]
+            parts = [(0, self.rng.choice(pool)) for _ in range(self.rng.randint(2, 4))]
+            return plain_sequence(parts, self.bos_id, self.chunk, self.rng)[0]
         topics = self.rng.sample(range(len(self.by_topic)), self.rng.randint(2, min(4, len(self.by_topic))))
         parts = [(t, self.rng.choice(self.by_topic[t])) for t in topics]
         return plain_sequence(parts, self.bos_id, self.chunk, self.rng)[0]
@@ -256,14 +272,18 @@ def scan_proposals(handle, rcfg: RecruitmentConfig, source: BatchSource, step: i
 
 # ---------------------------------------------------------------------------------------------- the run
 def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: int, n_topics: int,
-                    progress: bool = True, vocab_size: int | None = None) -> dict[str, Any]:
+                    progress: bool = True, vocab_size: int | None = None, model=None, bos_id: int | None = None,
+                    pad_id: int | None = None) -> dict[str, Any]:
     """Train the centroid-mode model with recruitment passes every ``s.every`` steps; returns every number.
 
     ``vocab_size``: rows of the model's embedding table (default ``len(tokenizer)``; the demo passes the size
-    before the anchor tokens were added, since this model never sees them).
+    before the anchor tokens were added, since this model never sees them). ``model``: a causal LM to use instead
+    of the tiny blind Llama (a pretrained model, e.g. with LoRA adapters: only its trainable parameters train);
+    ``bos_id`` / ``pad_id``: the sequence start and padding ids (default the tokenizer's).
     """
     start = time.perf_counter()
-    bos_id, pad_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    bos_id = tokenizer.bos_token_id if bos_id is None else bos_id
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     rng = random.Random(seed + 10)
     train_enc = [(t, x[: s.max_article_tokens]) for t, x in train_enc]
     order = list(range(len(train_enc)))
@@ -271,7 +291,8 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
     cut = int(len(order) * s.heldout_train_fraction)
     test_enc = [(t, x[: s.max_article_tokens]) for t, x in test_enc] + [train_enc[i] for i in order[:cut]]
     train_enc = [train_enc[i] for i in sorted(order[cut:])]
-    model = build_blind_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
+    if model is None:
+        model = build_blind_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
     rcfg = RecruitmentConfig(
         every=s.every, epsilon=s.epsilon, theta_block=s.theta_block, min_cluster_tokens=s.min_cluster_tokens,
         max_clusters=s.max_clusters, budget_steps=s.budget_steps, budget_lr=s.budget_lr,
@@ -279,7 +300,8 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
         patience=s.patience, seed=seed, code_length="bic")
     config = LocalistConfig(alpha=1.0, block_assignment="centroid", active_blocks=[], max_blocks=s.max_blocks,
                             first_local_layer=s.first_local_layer, assign_threshold=s.assign_threshold,
-                            backend="dense", recruitment=rcfg)
+                            assign_horizon=s.assign_horizon, assign_min_run=s.assign_min_run,
+                            unassigned_visible=s.unassigned_visible, backend="dense", recruitment=rcfg)
     handle = apply_localist(model, config)
 
     sampler = PlainSampler(train_enc, bos_id, n_topics, seed + 11, s.chunk_tokens)

@@ -1,7 +1,8 @@
 """The block ids of cached positions, kept on the KV cache object the caller passes from call to call.
 
-The cache is per sequence, not per model: ``cache._localist_block_ids`` (B, L) and ``cache._localist_sink`` (B,) ride
-with it, and its batch / length methods (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``,
+The cache is per sequence, not per model: ``cache._localist_block_ids`` (B, L), ``cache._localist_sink`` (B,) and,
+with assignment from context, ``cache._localist_assign`` (its running state per row, an ``AssignState``) ride with
+it, and its batch / length methods (``reorder_cache``, ``batch_repeat_interleave``, ``batch_select_indices``,
 ``crop``) are wrapped by picklable objects so that the ids stay in step when ``generate`` reorders or crops it.
 """
 
@@ -83,6 +84,12 @@ class _TrackedCacheMethod:
             value = self.cache.__dict__.get(attr)
             if value is not None:
                 setattr(self.cache, attr, transform(value, *args, **kwargs))
+        assign = self.cache.__dict__.get("_localist_assign")
+        if assign is not None and self.name != "crop":
+            # Per-row state of contextual assignment: rows follow the cache. A crop keeps it as is: its ``length`` no
+            # longer matches the cache, so continuing from a cropped cache is refused (the state of an earlier
+            # position is not kept).
+            self.cache._localist_assign = assign.map(lambda value: transform(value, *args, **kwargs))
         return result
 
 

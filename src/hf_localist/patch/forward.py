@@ -109,6 +109,8 @@ class LocalistForward(PatchedMethod):
             track_cache(cache)
             cache._localist_block_ids = call.block_ids
             cache._localist_sink = call.sink
+            if call.assign_state is not None:  # contextual centroid assignment: its running state continues here
+                cache._localist_assign = call.assign_state
             cache.__dict__.pop("_localist_continue", None)  # the history now ends in what followed the blocks
         for observer in scope.observers:
             observer.append(call)
@@ -374,4 +376,15 @@ def build_call(state: Any, scope: Any, bound: dict, block_ids: Any, target_block
                 else torch.zeros(batch, dtype=torch.long, device=device))
     return CallContext(block_ids=full, target_ids=target, anchors=anchor_flags(full), sink=sink, query_valid=valid,
                        alpha=_resolve_alpha(alpha, scope.alpha, cfg.alpha),
-                       recorder=scope.recorder, probes=scope.probes, centroid_from=centroid_from)
+                       recorder=scope.recorder, probes=scope.probes, centroid_from=centroid_from,
+                       assign_state=_assign_state(cache, past_len, batch))
+
+
+def _assign_state(cache: Any, past_len: int, batch: int) -> Any:
+    """The running state of contextual centroid assignment after the cached positions (None when there are none,
+    or when the cache holds none for exactly them: layer l0's pre-hook then refuses to continue)."""
+    state = getattr(cache, "_localist_assign", None) if past_len > 0 else None
+    if state is None or state.length != past_len:
+        return None
+    rows = next((t.shape[0] for t in (state.ema, state.current) if t is not None), batch)
+    return state if rows == batch else None

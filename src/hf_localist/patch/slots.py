@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.call import call_from_kwargs
-from ..blocks.centroid import candidate_slots, centroid_block_ids
+from ..blocks.centroid import candidate_slots, centroid_block_ids, contextual_block_ids, is_contextual
 from ..errors import LocalistConfigError, LocalistStateError
 
 
@@ -30,16 +30,50 @@ class CentroidAssignHook:
 
     def __call__(self, _module, args, kwargs):
         state = self.state
-        if self.layer != state.config.first_local_layer or state.config.block_assignment != "centroid":
+        cfg = state.config
+        if self.layer != cfg.first_local_layer or cfg.block_assignment != "centroid":
             return None
         call = call_from_kwargs(kwargs)
-        if call is None or call.centroid_from is None:
+        if call is None:
+            return None
+        if is_contextual(cfg):
+            return self._contextual(call, args, kwargs)
+        if call.centroid_from is None:
             return None
         x = args[0] if args else kwargs["hidden_states"]  # (B, T, E): the new positions of this call
-        ids = centroid_block_ids(x.detach(), state.centroids, candidate_slots(state), state.config.assign_threshold)
+        ids = centroid_block_ids(x.detach(), state.centroids, candidate_slots(state), cfg.assign_threshold)
         full = call.block_ids.clone()
         full[:, call.centroid_from:] = ids[:, ids.shape[1] - (full.shape[1] - call.centroid_from):]
         call.set_block_ids(full)
+        return None
+
+    def _contextual(self, call, args, kwargs):
+        """Assignment from context: runs on every call (also one with given block ids), because the running state
+        must advance over every position for the next call of a KV cache to continue it."""
+        state, cfg = self.state, self.state.config
+        x = args[0] if args else kwargs["hidden_states"]  # (B, T, E): the new positions of this call
+        total, new = call.block_ids.shape[1], x.shape[1]
+        past = total - new
+        prev = call.assign_state
+        if past > 0 and (prev is None or prev.length != past):
+            raise LocalistStateError(
+                f"the KV cache holds {past} positions but no running state of the assignment from context "
+                f"(assign_horizon={cfg.assign_horizon}, assign_min_run={cfg.assign_min_run}) for them (a cache filled "
+                "before these settings, or cropped): run the whole sequence through the patched model from an empty "
+                "cache"
+            )
+        start = total if call.centroid_from is None else call.centroid_from
+        fixed = call.block_ids[:, past:].clone()  # (B, T): given ids before ``start``, -1 where assigned here
+        fixed[:, max(start - past, 0):] = -1
+        valid = call.query_valid[:, past:]
+        ids, after = contextual_block_ids(x.detach(), valid, state.centroids, candidate_slots(state),
+                                          cfg.assign_threshold, cfg.assign_horizon, cfg.assign_min_run,
+                                          prev if past > 0 else None, fixed)
+        call.assign_state = after
+        if call.centroid_from is not None:
+            full = call.block_ids.clone()
+            full[:, past:] = ids
+            call.set_block_ids(full)
         return None
 
 

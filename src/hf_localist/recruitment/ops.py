@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch.qk import projection_module
+from ..blocks.centroid import context_features
 from ..blocks.ids import anchor_flags
 from ..errors import LocalistConfigError, LocalistError
 
@@ -137,7 +138,7 @@ def _jsonable(v: Any) -> Any:
 class Confused:
     """Confused tokens of one pass: states at layer l0 (and every layer for pca), and where they came from."""
 
-    x: torch.Tensor  # (n, E) input of layer l0's Q projection
+    x: torch.Tensor  # (n, E) assignment features: input of layer l0's Q projection (its running mean, assign_horizon)
     layers: torch.Tensor | None  # (L, n, E) inputs of every layer's Q projection (subspace='pca'), else None
     seq: torch.Tensor  # (n,) index into ``rows`` of the token's sequence
     rows: list[dict]  # the diagnostic sequences
@@ -223,7 +224,11 @@ def collect_confused(handle, batches: Sequence[dict], epsilon: float, max_tokens
             offset = len(rows)
             rows.extend(split_rows({k: v.cpu() for k, v in batch.items()}))
             r, p = idx[:, 0].to(device), idx[:, 1].to(device)
-            xs.append(captured[l0][r, p].float().cpu())
+            # Cluster what centroid assignment compares with the centroids: with assign_horizon > 1 the causal running
+            # mean of the states (blocks/centroid.py), else the states themselves.
+            feats, _ = context_features(captured[l0], calls[-1].query_valid[:, -captured[l0].shape[1]:],
+                                        handle.config.assign_horizon)
+            xs.append(feats[r, p].float().cpu())
             if with_layers:
                 lays.append(torch.stack([captured[layer][r, p].float().cpu() for layer in range(n_layers)]))
             seqs.append(idx[:, 0] + offset)

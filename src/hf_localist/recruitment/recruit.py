@@ -15,7 +15,10 @@ One *pass* (:func:`run_pass`):
    is assigned to it); ``dL_total = dL_data + dL_model``; a block passes iff ``dL_total <= -theta_block``;
 5. the passing blocks are kept (with the trained weights) iff, on *all* held-out tokens, their set pays too:
    ``sum dL + sum dL_model <= -theta_block * |passing|``. When only some proposals pass, the passing subset gets
-   its own budget (a confirm arm) and must pass again; otherwise the pass accepts nothing.
+   its own budget (a confirm arm) and must pass again; otherwise the pass accepts nothing;
+6. accepting never makes the model worse: the held-out NLL after the pass must not exceed the NLL before it. If
+   the trained weights are worse, the blocks are kept with the pre-pass weights when that is not worse, else the
+   pass accepts nothing (``worse_than_before``).
 
 Proposals are scored together, not one at a time, because a single block next to the general block changes no
 attention (block 0 is visible to every query and its queries see everything): a block's value only shows next to
@@ -233,6 +236,23 @@ def _attribute(proposals, nll_with, blocks_with, nll_without, rcfg) -> list[dict
     return rows
 
 
+def _no_worse(handle, snap_w, heldout, before: torch.Tensor, after: torch.Tensor) -> tuple[str | None, float]:
+    """Accepting never makes the model worse on the held-out tokens: the summed NLL after the pass must not exceed
+    the NLL before it. The accepted blocks come with the weights of the arm that trained them; when that arm is
+    worse than the model before the pass (a budget can overfit the cluster sequences), the blocks are tried with
+    the pre-pass weights instead; when that is worse too, nothing may be accepted.
+
+    The model holds the accepted blocks and the trained weights on entry. Returns (the weights kept: 'trained' or
+    'pre_pass', or None when nothing may be accepted; the summed held-out NLL after the pass).
+    """
+    nll_before, nll_after = float(before.sum()), float(after.sum())
+    if nll_after <= nll_before:
+        return "trained", nll_after
+    restore_weights(handle.model, snap_w)  # keep the accepted blocks (localist state), drop the budget's training
+    nll_after = float(score_tokens(handle, heldout)[0].sum())
+    return ("pre_pass" if nll_after <= nll_before else None), nll_after
+
+
 def run_pass(handle, rcfg: RecruitmentConfig, source: BatchSource, heldout: Sequence[dict], step: int = 0,
              pass_index: int = 0) -> PassResult:
     """One pass of Algorithm 1 (see the module docstring). Changes the model only when it accepts blocks."""
@@ -322,6 +342,7 @@ def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
     snap_w, snap_s = snapshot_weights(handle.model), snapshot_state(handle)
     arm_seed = seed + 1
     keep = False
+    before = score_tokens(handle, heldout)[0]  # the model as it enters the pass: accepting must not be worse
     try:
         without = _arm(handle, snap_w, snap_s, [], budget, heldout, rcfg, arm_seed)
         with_all = (_arm(handle, snap_w, snap_s, proposals, budget, heldout, rcfg, arm_seed)
@@ -352,7 +373,19 @@ def _run_pass(handle, rcfg, source, heldout, step, pass_index) -> PassResult:
                     passing = []
                 for r in rows:
                     r["set_dL_total"] = joint
+            if passing:
+                weights, nll_after = _no_worse(handle, snap_w, heldout, before, scored[0])
+                for r in rows:
+                    r.update(heldout_nll_before=float(before.sum()), heldout_nll_trained=float(scored[0].sum()),
+                             heldout_nll_after=nll_after)
+                    if r["accepted"] and weights is None:
+                        r.update(accepted=False, reason="worse_than_before")
+                    elif r["accepted"]:
+                        r["weights"] = weights
+                if weights is None:
+                    passing = []
             keep = bool(passing)
+            res.metrics["nll_before"] = float(before.sum())
             res.metrics["nll_without"] = float(without[0].sum())
             res.metrics["nll_with"] = float(with_all[0].sum())
         for r in rows:
