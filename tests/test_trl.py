@@ -201,8 +201,26 @@ def test_penalty_loss_is_added_once_by_localist_sft_trainer(tmp_path):
         data_loss = SFTTrainer.compute_loss(trainer, model, dict(batch))  # SFTTrainer's loss alone (no grad)
         pen = penalty(handle)
     assert float(pen) > 0
-    torch.testing.assert_close(loss.detach(), data_loss + 0.5 * pen, rtol=1e-5, atol=1e-6)
+    # The value is the data loss (what the Trainer logs); the gradient is that of data + 0.5 * penalty, once.
+    torch.testing.assert_close(loss.detach(), data_loss, rtol=1e-5, atol=1e-6)
     assert loss.requires_grad
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    got = grads()
+    SFTTrainer.compute_loss(trainer, model, dict(batch)).backward()
+    data = grads()
+    (0.5 * penalty(handle)).backward()
+    pen_grads = grads()
+    assert pen_grads and any(torch.count_nonzero(g) for g in pen_grads.values())
+    for name, g in got.items():
+        want = data.get(name, torch.zeros_like(g)) + pen_grads.get(name, torch.zeros_like(g))
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6, msg=name)
     trainer.train()
     assert any("localist_loss" in h for h in trainer.state.log_history)
 
