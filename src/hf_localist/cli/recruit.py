@@ -20,7 +20,9 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..demo.passages import sink_token_id
 from ..demo.recruit import RecruitSettings, run_recruitment
 from ..demo.run import Article, build_tokenizer, encode_articles
 from ..errors import LocalistConfigError, LocalistLoadError
@@ -99,9 +101,6 @@ def split_rows(texts: list[str], labels: list[str] | None, seed: int, test_fract
 def load_pretrained(model_dir: str, lora_r: int = 8):
     """(peft LoRA model, tokenizer, sink id, pad id) of a local causal-LM directory; only the adapters train."""
     from peft import LoraConfig, get_peft_model  # peft is a dependency; imported where it is used
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..demo.passages import sink_token_id
 
     if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise LocalistLoadError(f"--model {model_dir!r} is not a model directory with a config.json: pass a directory "
