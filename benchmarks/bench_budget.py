@@ -152,11 +152,15 @@ def section_soft(args) -> None:
 
 # ------------------------------------------------------------------------------------------------ recruit
 def _recruit_run(args, every: int, steps: int) -> dict:
+    import importlib
+
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
     from hf_localist import RecruitmentConfig
     from hf_localist.demo.run import build_tokenizer, load_articles
-    from hf_localist.recruitment import recruit as rec
+
+    # The module (the package exports the function ``recruit`` under the same name).
+    rec = importlib.import_module("hf_localist.recruitment.recruit")
     from hf_localist.trainer import LocalistTrainer
 
     articles = load_articles("train")
