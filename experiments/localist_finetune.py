@@ -442,9 +442,11 @@ def markdown(res: dict) -> str:
     pending = [a for a in res["arms"] if res["cross"].get(a) is None]
     lines = [
         f"## Quality of full locality on SmolLM2 with LoRA, {title} (`experiments/{NAME}.py`)", "",
-        f"Command: `{res['command']}` (1 torch thread per process; wall time {res['wall_s']:.0f} s on a 2-core CPU "
-        "shared with other jobs; `SMOLLM2_DIR` from `hf-localist fetch smollm2-135m`, `DATA` the shared data folder "
-        "as in real_dial.py).", "",
+        "Commands (the second adds arms to the first's results.json):" if len(res["commands"]) > 1 else "Command:",
+        "", "```bash", *[c + " --write_docs" * (i == len(res["commands"]) - 1) for i, c in enumerate(res["commands"])],
+        "```", "",
+        f"(1 torch thread; wall time {res['wall_s']:.0f} s in all, on a 2-core CPU shared with other jobs; "
+        "`SMOLLM2_DIR` from `hf-localist fetch smollm2-135m`, `DATA` the shared data folder as in real_dial.py.)", "",
         "**Question.** What does full locality (block mass 1) cost in held-out perplexity on a pretrained model, "
         "against a dense fine-tune with the same budget? The papers' anchor: 1.89x the dense perplexity for their "
         "best (progressive) schedule, GPT-2 on one book; the goal here is <= 1.2x.", "",
@@ -468,8 +470,8 @@ def markdown(res: dict) -> str:
     ]
     lines += res["reading"]
     if pending:
-        lines += ["", f"Pending arm(s) {', '.join(pending)}: run them with `{res['command']} --arms "
-                  f"{' '.join(pending)}` once the penalty acts on LoRA adapters."]
+        lines += ["", f"Pending arm(s) {', '.join(pending)}: once the penalty acts on LoRA adapters, add them with "
+                  f"`{res['commands'][0]} --arms {' '.join(pending)} --merge --write_docs`."]
     return "\n".join(lines)
 
 
@@ -490,13 +492,30 @@ def parse(argv):
     parser.add_argument("--layout", choices=("mixed", "one_text"), default="mixed")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: --seed)")
+    parser.add_argument("--merge", action="store_true", help="add --arms to the results.json already in --out_dir "
+                        "(run with the same settings; its pretrained evaluation and other arms are kept)")
     for f in fields(Settings):
         parser.add_argument(f"--{f.name}", type=type(f.default), default=None,
                             help=f"default {getattr(Settings(), f.name)!r} ({getattr(QUICK, f.name)!r} with --quick)")
     return parser.parse_args(argv)
 
 
+def command(argv: list[str]) -> str:
+    """The command line as the docs show it: checkpoint and data as placeholders, no machine-local paths."""
+    out, skip = ["python", f"experiments/{NAME}.py"], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--model", "--data_dir", "--out_dir"):
+            skip = True
+            out += {"--model": ["--model", "SMOLLM2_DIR"], "--data_dir": ["--data_dir", "DATA"]}.get(a, [])
+        elif a not in ("--write_docs", "--render") and not a.startswith(("--out_dir=", "--model=", "--data_dir=")):
+            out.append(a)
+    return " ".join(out)
+
+
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     C.setup(args)
     name = NAME if args.layout == "mixed" else f"{NAME}_{args.layout}"
@@ -508,33 +527,36 @@ def main(argv=None) -> dict:
         publish(res, out, args.write_docs)
         print_table(res)
         return res
+    from transformers import AutoTokenizer
+
     from hf_localist import LocalistConfigError
 
     if not args.model or not args.data_dir:
         raise LocalistConfigError("--model and --data_dir are required (unless --render)")
-    from transformers import AutoTokenizer
-
     s = replace(QUICK if args.quick else Settings(),
                 **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     seeds = args.seeds or [args.seed]
     tok = AutoTokenizer.from_pretrained(args.model)
-    cmd = ["python", f"experiments/{NAME}.py", "--model SMOLLM2_DIR --data_dir DATA"]
-    cmd += [a for a in (argv if argv is not None else sys.argv[1:]) if a not in (args.model, args.data_dir,
-                                                                             "--model", "--data_dir")]
-    res = {"name": name, "quick": args.quick, "layout": args.layout, "seeds": seeds, "arms": args.arms,
-           "settings": asdict(s), "command": " ".join(cmd), "environment": C.environment(), "runs": {}}
     cpu0, t0 = time.process_time(), time.perf_counter()
-    data = build_data(tok, Path(args.data_dir), s, args.layout, seeds[0])
-    res["labels"] = data["labels"]
-    res["data"] = {"eval_sequences": len(data["eval"]), "train_sequences": len(data["train"]),
-                   "eval_tokens": sum(e - b - 1 for q in data["eval"] for _, b, e in q.spans),
-                   "train_tokens": sum(len(q.input_ids) for q in data["train"])}
-    print(f"{name}: {len(data['eval'])} held-out sequences ({res['data']['eval_tokens']} scored tokens), "
-          f"{len(data['train'])} training sequences", flush=True)
-    res["pretrained"] = pretrained(args.model, tok, data, s)
-    print("  pretrained: " + ", ".join(f"{e} {r['perplexity']['all']:.2f}" for e, r in
-                                      res["pretrained"]["evals"].items())
-          + f", alone {res['pretrained']['alone']['all']:.2f}", flush=True)
+    if args.merge:
+        res = merge_target(out, s, args, seeds)
+        res["commands"].append(command(argv))
+    else:
+        res = {"name": name, "quick": args.quick, "layout": args.layout, "seeds": seeds, "arms": [],
+               "settings": asdict(s), "commands": [command(argv)], "environment": C.environment(), "runs": {},
+               "wall_s": 0.0, "cpu_s": 0.0}
+        data = build_data(tok, Path(args.data_dir), s, args.layout, seeds[0])
+        res["labels"] = data["labels"]
+        res["data"] = {"eval_sequences": len(data["eval"]), "train_sequences": len(data["train"]),
+                       "eval_tokens": sum(e - b - 1 for q in data["eval"] for _, b, e in q.spans),
+                       "train_tokens": sum(len(q.input_ids) for q in data["train"])}
+        print(f"{name}: {len(data['eval'])} held-out sequences ({res['data']['eval_tokens']} scored tokens), "
+              f"{len(data['train'])} training sequences", flush=True)
+        res["pretrained"] = pretrained(args.model, tok, data, s)
+        print("  pretrained: " + ", ".join(f"{e} {r['perplexity']['all']:.2f}" for e, r in
+                                          res["pretrained"]["evals"].items())
+              + f", alone {res['pretrained']['alone']['all']:.2f}", flush=True)
+    res["arms"] = [a for a in ARMS if a in set(res["arms"]) | set(args.arms)]
     for seed in seeds:
         data = build_data(tok, Path(args.data_dir), s, args.layout, seed)
         runs = res["runs"].setdefault(str(seed), {})
@@ -545,11 +567,31 @@ def main(argv=None) -> dict:
                    if r["status"] == "trained" else r["status"])
             print(f"  seed {seed} {arm}: {msg}", flush=True)
             C.write_json(out / "results.json", res)  # partial results survive an interrupted run
-    res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - cpu0
+    res["wall_s"] += time.perf_counter() - t0
+    res["cpu_s"] += time.process_time() - cpu0
     summarise(res)
     publish(res, out, args.write_docs)
     print_table(res)
     print("\n".join(res["reading"]) + f"\n-> {out}", flush=True)
+    return res
+
+
+def merge_target(out: Path, s: Settings, args, seeds: list[int]) -> dict:
+    """The results.json to add arms to: it must hold every seed's run with the same settings and layout."""
+    import json
+
+    from hf_localist import LocalistConfigError
+
+    path = out / "results.json"
+    if not path.exists():
+        raise LocalistConfigError(f"--merge: no {path}; run the other arms first (without --merge)")
+    res = json.loads(path.read_text())
+    mine = {"settings": asdict(s), "layout": args.layout, "seeds": seeds, "quick": args.quick}
+    theirs = {k: res.get(k) for k in mine}
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
+        raise LocalistConfigError(f"--merge: {path} was run with other settings (theirs, yours): {diff}; pass the "
+                                  "same flags as that run, or drop --merge to start a new results.json")
     return res
 
 
