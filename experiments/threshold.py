@@ -13,9 +13,11 @@ stream, frozen block-structured embeddings, every later run must retrieve a key 
 so the data pull attention across blocks). The constants are measured on the untrained model
 (``estimate_constants`` -> ``report.threshold()``, the documented workflow: calibrate, then train with
 ``lambda_mode='threshold'``), and the model is trained with ``lambda = m * lambda_threshold`` for multipliers m
-below and above 1 (``kappa = m``, ``alpha_train = 1``), with SGD (the setting the threshold is derived for) and with
-Adam (what people use). At the end: the fraction of off-block groups that are exactly zero, their norms next to the
-own-block groups, KKT ratios ``||grad_g L_data|| / lambda_g``, and PF / BM of the cross-block queries.
+below and above 1 (``kappa = m``, ``alpha_train = 1``), with AdamW (the Trainer's default optimizer; the proximal step
+preconditioned by AdamW's own per-coordinate step, ``training/precondition.py``), with SGD (the setting the threshold
+is derived for), and with AdamW and the plain ``lr * lambda`` shrink (``prox_preconditioner='none'``, the behaviour
+before the preconditioned step). At the end: the fraction of off-block groups that are exactly zero, their norms next
+to the own-block groups, KKT ratios ``||grad_g L_data|| / lambda_g``, and PF / BM of the cross-block queries.
 
 Run: ``python experiments/threshold.py [--quick] [--write_docs]``.
 """
@@ -133,7 +135,10 @@ def train_run(seed: int, optimizer: str, multiplier: float | None, threshold, st
         model, handle = synthetic_model(seed, "threshold", kappa=multiplier)
         handle.state.lambda_threshold = threshold.clone()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.Adam(params, lr=lr)
+    if optimizer == "adamw-plain":
+        handle.update(prox_preconditioner="none")
+    # weight_decay=0: the Trainer's default for AdamW.
+    opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     lam = penalty_weights(handle)  # (L, H, n); Q groups; K groups carry the same (one K head per query head)
     pen = lam > 0
     g = torch.Generator().manual_seed(seed + 1)
@@ -150,7 +155,7 @@ def train_run(seed: int, optimizer: str, multiplier: float | None, threshold, st
             max_grad_at_zero = torch.where(was_zero, torch.maximum(max_grad_at_zero, gq), max_grad_at_zero)
         opt.step()
         if multiplier is not None:
-            stats = prox_step(handle, lr)
+            stats = prox_step(handle, lr, optimizer=opt)
     # Data-loss gradient at the final weights (a fresh, larger batch) for the KKT check.
     opt.zero_grad()
     final_loss = model(**synthetic_batch(64, torch.Generator().manual_seed(seed + 7))).loss
@@ -200,7 +205,7 @@ def figures(res: dict, runs: list, directory: Path) -> list[Path]:
 
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for opt, color in (("sgd", "tab:blue"), ("adam", "tab:orange")):
+    for opt, color in (("adamw", "tab:orange"), ("sgd", "tab:blue"), ("adamw-plain", "tab:gray")):
         rows = [r for r in res["summary"] if r["optimizer"] == opt]
         m = [r["multiplier"] for r in rows]
         axes[0].plot(m, [r["zero_fraction"] for r in rows], "o-", color=color, label=f"{opt.upper()}")
@@ -257,8 +262,10 @@ def markdown(res: dict) -> str:
         "`estimate_constants` (4 batches of 16), and `report.threshold()` (p5 margin per head) is installed with "
         "`lambda_mode='threshold'`; the model then trains "
         f"{res['steps']} steps (batch 16) with `lambda = m * lambda_threshold` (`kappa = m`, `alpha_train = 1`) and "
-        f"the prox step after every optimizer step: SGD (lr {res['lr_sgd']:g}, the setting the threshold is derived "
-        f"for) and Adam (lr {res['lr_adam']:g}). 16 penalised Q groups and 16 penalised K groups (2 layers x 4 "
+        f"the prox step after every optimizer step: AdamW (lr {res['lr_adam']:g}, weight decay 0, the prox step "
+        "preconditioned by AdamW's step), SGD (lr "
+        f"{res['lr_sgd']:g}, the setting the threshold is derived for), and AdamW with the plain lr * lambda shrink "
+        "(`prox_preconditioner='none'`, seed 0 only). 16 penalised Q groups and 16 penalised K groups (2 layers x 4 "
         "heads x 2 other blocks).",
         "",
         "**Predicted threshold** (seed 0; constants per layer):",
@@ -290,8 +297,10 @@ def markdown(res: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     base = res["baseline"]
-    for opt in ("sgd", "adam"):
-        b = base[opt]
+    for opt in ("adamw", "sgd", "adamw-plain"):
+        b = base.get(opt)
+        if b is None:
+            continue
         lines.append(f"| {opt.upper()} | no penalty | – | – | {b['own_group_norm_mean']:.3f} | – | – | – | "
                      f"{b['final_loss']:.3f} | {b['bm0']:.3f} / {b['bm1']:.3f} | {b['pf0']:.3f} / {b['pf1']:.3f} |")
         for r in [r for r in res["summary"] if r["optimizer"] == opt]:
@@ -335,7 +344,8 @@ def main(argv=None) -> dict:
     steps = 300 if args.quick else 600
     lr_sgd, lr_adam = 0.3, 1e-2
     mult_sgd = [0.1, 10.0] if args.quick else [0.1, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 10.0]
-    mult_adam = [] if args.quick else [1.0, 10.0, 100.0, 300.0, 1000.0]
+    mult_adam = [0.1, 10.0] if args.quick else mult_sgd
+    mult_plain = [] if args.quick else [1.0, 10.0, 100.0, 1000.0]
     with C.Timer() as timer:
         runs, thresholds, reports = [], {}, {}
         for seed in seeds:
@@ -347,7 +357,8 @@ def main(argv=None) -> dict:
             handle.state.lambda_threshold = thresholds[seed]
             handle.update(lambda_mode="threshold", kappa=1.0)
             pen = penalty_weights(handle) > 0
-            for opt, mults in (("sgd", mult_sgd), ("adam", mult_adam if seed == seeds[0] else [])):
+            for opt, mults in (("adamw", mult_adam), ("sgd", mult_sgd),
+                               ("adamw-plain", mult_plain if seed == seeds[0] else [])):
                 if not mults:
                     continue
                 lr = lr_sgd if opt == "sgd" else lr_adam
@@ -380,7 +391,7 @@ def main(argv=None) -> dict:
         })
     thr_pen = thr0[pen]
     summary = []
-    for opt, mults in (("sgd", mult_sgd), ("adam", mult_adam)):
+    for opt, mults in (("adamw", mult_adam), ("sgd", mult_sgd), ("adamw-plain", mult_plain)):
         for m in mults:
             rs = [r for r in runs if r["optimizer"] == opt and r["multiplier"] == m]
 
@@ -401,7 +412,7 @@ def main(argv=None) -> dict:
                 row[f"pf{layer}"] = float(sum(r["locality"][layer]["pf"] for r in rs) / len(rs))
             summary.append(row)
     baseline = {}
-    for opt in ("sgd", "adam"):
+    for opt in ("adamw", "sgd", "adamw-plain"):
         rs = [r for r in runs if r["optimizer"] == opt and r["multiplier"] is None]
         if rs:
             baseline[opt] = {"final_loss": sum(r["final_loss"] for r in rs) / len(rs),
@@ -420,8 +431,10 @@ def main(argv=None) -> dict:
     above = [r for r in sgd if r["multiplier"] >= 1.0]
     below = [r for r in sgd if r["multiplier"] < 1.0]
     transition = next((r["multiplier"] for r in sgd if r["zero_fraction_min_over_seeds"] == 1.0), None)
-    adam = [r for r in summary if r["optimizer"] == "adam"]
+    adam = [r for r in summary if r["optimizer"] == "adamw"]
     adam_transition = next((r["multiplier"] for r in adam if r["zero_fraction_min_over_seeds"] == 1.0), None)
+    plain = [r for r in summary if r["optimizer"] == "adamw-plain"]
+    plain_transition = next((r["multiplier"] for r in plain if r["zero_fraction_min_over_seeds"] == 1.0), None)
     res = {
         "name": NAME, "quick": args.quick, "seeds": seeds, "steps": steps, "lr_sgd": lr_sgd, "lr_adam": lr_adam,
         "environment": C.environment(),
@@ -435,6 +448,9 @@ def main(argv=None) -> dict:
         "sgd_max_zero_fraction_below_half_threshold": max(
             [r["zero_fraction"] for r in sgd if r["multiplier"] <= 0.5] or [float("nan")]),
         "sgd_transition_multiplier": transition, "adam_transition_multiplier": adam_transition,
+        "adamw_plain_transition_multiplier": plain_transition,
+        "adamw_max_zero_fraction_below_half_threshold": max(
+            [r["zero_fraction"] for r in adam if r["multiplier"] <= 0.5] or [float("nan")]),
         "wall_s": timer.seconds, "cpu_s": time.process_time() - cpu0,
     }
     res["reading"] = reading(res, below)
@@ -444,7 +460,7 @@ def main(argv=None) -> dict:
     if args.write_docs:
         C.publish(NAME, markdown(res), figs)
     print(f"{NAME}: predicted threshold median {res['predicted']['median']:.4g}; SGD all-zero from m = {transition}; "
-          f"Adam from m = {adam_transition}; {timer.seconds:.1f} s -> {out}")
+          f"AdamW from m = {adam_transition} (plain shrink: {plain_transition}); {timer.seconds:.1f} s -> {out}")
     return res
 
 
@@ -462,7 +478,8 @@ def render(args, out: Path) -> dict:
 
 def reading(res: dict, below: list | None = None) -> list[str]:
     sgd = [r for r in res["summary"] if r["optimizer"] == "sgd"]
-    adam = [r for r in res["summary"] if r["optimizer"] == "adam"]
+    adam = [r for r in res["summary"] if r["optimizer"] == "adamw"]
+    plain = [r for r in res["summary"] if r["optimizer"] == "adamw-plain"]
     t = res["sgd_transition_multiplier"]
     e = res["empirical"]
     lines = []
@@ -488,15 +505,26 @@ def reading(res: dict, below: list | None = None) -> list[str]:
         f"along would need at least about {e['ratio_max']:.0f}x.")
     if adam:
         at = res["adam_transition_multiplier"]
-        lam = next((r["lambda_mean"] for r in adam if r["multiplier"] == at), None)
+        partial = ", ".join("%.2f at m = %g" % (r["zero_fraction"], r["multiplier"]) for r in adam
+                            if at is None or r["multiplier"] < at)
+        kkts = [r["kkt_ratio_max"] for r in adam if at is not None and r["multiplier"] >= at
+                and r["kkt_ratio_max"] is not None]
         lines.append(
-            f"- With Adam the threshold predicts nothing: groups reach exact zero only from m = {_fmt(at, 'g')} "
-            f"(lambda about {_fmt(lam, '.2g')}). Adam normalises each coordinate's step to about lr, so a group of "
-            "144 coordinates moves up to lr * sqrt(144) = 12 lr per step whatever its gradient, and the prox shrink "
-            "lr * lambda wins only when lambda is of order 1 (between 1 and 12), about 100x any data gradient here "
-            "(docs/training.md makes the same point). "
-            "Use SGD for the penalised Q/K weights when the threshold is to mean something, or scale lambda with "
-            "sqrt(group size) under Adam.")
+            "- With AdamW and the preconditioned proximal step, groups are exactly zero at the end for every seed "
+            f"from m = {_fmt(at, 'g')} on (SGD: from m = {_fmt(t, 'g')}); below that: {partial or 'none'}. The zero "
+            "groups satisfy the KKT condition on a fresh batch (max ratio "
+            f"{_fmt(max(kkts) if kkts else None, '.2f')}). The shrink uses AdamW's own step on the group "
+            "(lr / (sqrt(v_hat) + eps), averaged over the group), so a zero "
+            "group stays zero exactly when its data gradient is below lambda, the condition the threshold is "
+            "calibrated for: the same multipliers work for SGD and AdamW.")
+    if plain:
+        pt = res.get("adamw_plain_transition_multiplier")
+        lam = next((r["lambda_mean"] for r in plain if r["multiplier"] == pt), None)
+        lines.append(
+            f"- With AdamW and the plain shrink lr * lambda (`prox_preconditioner='none'`, the step before this "
+            f"change) groups reach exact zero only from m = {_fmt(pt, 'g')} (lambda about {_fmt(lam, '.2g')}): Adam "
+            "normalises each coordinate's step to about lr whatever the gradient, so the unpreconditioned prox must be "
+            "about 1/sqrt(v) times larger to win.")
     r1 = next((r for r in sgd if r["multiplier"] == max(x["multiplier"] for x in sgd)), None)
     b = res["baseline"].get("sgd")
     if r1 and b:

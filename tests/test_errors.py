@@ -285,5 +285,10 @@ def test_attention_key_on_an_unpatched_model(model_type):
 def test_calling_an_inner_module_directly():
     model, handle = localist_model(alpha=0.5)
     model(input_ids=random_ids(1, T), block_ids=torch.zeros(1, T, dtype=torch.long))
+    # The backbone lays out its own call (TRL's trainers call it directly); the last call's layout is never reused.
+    with pytest.raises(hl.BlockIdsError, match="explicit"):
+        model.model(input_ids=random_ids(2, T))
+    hidden = model.model.embed_tokens(random_ids(2, T))
+    rotary = model.model.rotary_emb(hidden, torch.arange(T)[None])
     with pytest.raises(hl.LocalistStateError, match="patched model itself"):
-        model.model(input_ids=random_ids(2, T))  # batch 2: the layout of the last call does not fit
+        model.model.layers[0](hidden, position_embeddings=rotary)  # below the backbone: no layout

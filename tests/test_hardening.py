@@ -400,27 +400,33 @@ def test_cli_user_errors_exit_1_with_one_line_and_debug_shows_the_traceback(tmp_
 @pytest.mark.parametrize("routing", ["hard", "soft"])
 def test_router_generate_takes_transformers_generation_arguments(zoo, routing):
     from helpers import make_router
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    class LogSoftmax(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.log_softmax(-1)
 
     router = make_router(zoo, routing)
     x = random_ids(2, 5, seed=4)
     route = {"route_to": ["alpha", "alpha"]} if routing == "hard" else {
         "router_probs": torch.tensor([[1.0, 0.0, 0.0]] * 2)}  # soft with all weight on alpha = alpha alone
-    # hard: transformers' own loop on the specialist, so exactly the specialist's generate; soft: the penalty acts on
-    # the mixture's log-probabilities (there are no raw logits), so the same rule on other scores
-    penalised = zoo.alone["alpha"].generate(x, max_new_tokens=6, repetition_penalty=1.5, do_sample=False,
-                                            pad_token_id=0)
+    # both run in transformers' own generate: hard on the specialist, soft on the mixture, whose logits are its
+    # log-probabilities, so that the penalty acts on alpha's log-probabilities there
+    first = [] if routing == "hard" else [LogSoftmax()]
+    penalised = zoo.alone["alpha"].generate(
+        x, max_new_tokens=6, do_sample=False, pad_token_id=0,
+        logits_processor=LogitsProcessorList(first + [RepetitionPenaltyLogitsProcessor(1.5)]))
     out = router.generate(x, max_new_tokens=6, repetition_penalty=1.5, **route)
-    if routing == "hard":
-        assert out.tolist() == penalised.tolist()
+    assert out.tolist() == penalised.tolist()
     plain = zoo.alone["alpha"].generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert router.generate(x, max_new_tokens=6, **route).tolist() == plain.tolist()
     cfg = GenerationConfig(max_new_tokens=6, repetition_penalty=1.5, do_sample=False, pad_token_id=0)
     assert router.generate(x, generation_config=cfg, **route).tolist() == out.tolist()
-    if routing == "hard":  # transformers' own loop: any of its arguments
-        router.generate(x, max_new_tokens=3, num_beams=2, no_repeat_ngram_size=2, **route)
-    else:
-        with pytest.raises(hl.LocalistConfigError, match=r"soft routing.*\['num_beams'\]"):
-            router.generate(x, max_new_tokens=3, num_beams=2, **route)
-        with pytest.raises(hl.LocalistConfigError, match=r"generation_config sets \['num_beams'\]"):
-            router.generate(x, generation_config=GenerationConfig(num_beams=2), **route)
+    beams = zoo.alone["alpha"].generate(x, max_new_tokens=3, num_beams=2, no_repeat_ngram_size=2, pad_token_id=0)
+    assert router.generate(x, max_new_tokens=3, num_beams=2, no_repeat_ngram_size=2, **route).tolist() == \
+        beams.tolist()
+    if routing == "soft":  # what a mixture cannot take is refused by name
+        with pytest.raises(hl.LocalistConfigError, match=r"soft routing.*'cache'"):
+            router.generate(x, max_new_tokens=3, cache=object(), **route)
+        with pytest.raises(hl.LocalistConfigError, match=r"cache_implementation='static'"):
+            router.generate(x, generation_config=GenerationConfig(cache_implementation="static"), **route)

@@ -29,7 +29,7 @@ LAYERS = {
     "training": 6,
     "recruitment": 7,
     "trainer": 8, "router": 8,
-    "demo": 9, "checkpoints": 9,
+    "demo": 9, "checkpoints": 9, "integrations": 9,
     "cli": 10,
 }
 #: Imports allowed inside functions: optional or heavy dependencies, and version-guarded ones.

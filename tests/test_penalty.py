@@ -291,14 +291,32 @@ def _data_loss(logits, labels):
 
 
 def test_loss_mode_adds_penalty_to_outputs():
+    """The value of outputs.loss is the data loss (what every Trainer logs); its gradient is that of
+    data + coef * penalty (what every Trainer optimises)."""
     model, handle = _llama(penalty="loss", penalty_lambda=0.05, localist_loss_coef=0.5)
     ids, blocks = random_ids(2, 12, seed=6), random_block_ids(2, 12, seed=6)
     model.train()
+    handle.update(penalty="none")
+    data_out = model(input_ids=ids, labels=ids, block_ids=blocks)
+    model.zero_grad(set_to_none=True)
+    data_out.loss.backward()
+    data_grads = _grads(model)
+    handle.update(penalty="loss")
     out = model(input_ids=ids, labels=ids, block_ids=blocks)
     pen = penalty(handle)
     assert out.localist_loss is not None and not out.localist_loss.requires_grad
     torch.testing.assert_close(out.localist_loss, pen.detach())
-    torch.testing.assert_close(out.loss, _data_loss(out.logits, ids) + 0.5 * pen, atol=1e-6, rtol=1e-6)
+    assert float(pen.detach()) > 1.0  # a penalty large enough that adding its value would show
+    assert torch.equal(out.loss.detach(), data_out.loss.detach())  # the value: the data loss, bit for bit
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    (0.5 * penalty(handle)).backward()
+    pen_grads = _grads(model)
+    assert any(torch.count_nonzero(g) for g in pen_grads.values())
+    for name in got:
+        torch.testing.assert_close(got[name], data_grads[name] + pen_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     # Eval mode, no_grad, or penalty != 'loss': the data loss alone.
     model.eval()
     out_eval = model(input_ids=ids, labels=ids, block_ids=blocks)
@@ -355,7 +373,8 @@ def test_gradient_accumulation_with_num_items_in_batch(model_type, tmp_path):
     data_losses, data_grads = _accumulate(model, ids, labels, blocks, 2, n_items)
     handle.update(penalty="loss")
     pen = penalty(handle)
-    torch.testing.assert_close(sum(micro_losses) - sum(data_losses), coef * pen.detach(), atol=1e-6, rtol=1e-5)
+    for got, data in zip(micro_losses, data_losses):  # the loss values are the data losses
+        assert torch.equal(got, data)
     model.zero_grad(set_to_none=True)
     (coef * pen).backward()
     pen_grads = _grads(model)
@@ -370,10 +389,23 @@ def test_without_num_items_each_micro_batch_carries_the_full_penalty():
     model, handle = _llama(penalty="loss", penalty_lambda=0.05, localist_loss_coef=coef)
     model.train()
     ids, blocks = random_ids(4, 10, seed=8), random_block_ids(4, 10, seed=8)
-    pen = penalty(handle).detach()
+    model.zero_grad(set_to_none=True)
+    (coef * penalty(handle)).backward()
+    pen_grads = _grads(model)
     for part in (slice(0, 2), slice(2, 4)):
+        model.zero_grad(set_to_none=True)
         out = model(input_ids=ids[part], labels=ids[part], block_ids=blocks[part])
-        torch.testing.assert_close(out.loss, _data_loss(out.logits, ids[part]) + coef * pen, atol=1e-6, rtol=1e-6)
+        out.loss.backward()
+        got = _grads(model)
+        handle.update(penalty="none")
+        model.zero_grad(set_to_none=True)
+        data = model(input_ids=ids[part], labels=ids[part], block_ids=blocks[part])
+        data.loss.backward()
+        data_grads = _grads(model)
+        handle.update(penalty="loss")
+        assert torch.equal(out.loss.detach(), data.loss.detach())
+        for name in got:
+            torch.testing.assert_close(got[name], data_grads[name] + pen_grads[name], atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -462,9 +494,10 @@ def test_penalty_on_architecture_without_qk_projections():
 
 
 def test_loss_mode_warns_when_penalised_weights_are_frozen():
+    """LoRA on V only: the Q/K weights the penalty reads are frozen and carry no adapter delta."""
     peft = pytest.importorskip("peft")
     model = build_model("llama")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"], lora_alpha=4))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["v_proj"], lora_alpha=4))
     hl.apply_localist(lora, _cfg(penalty="loss", penalty_lambda=0.1))
     lora.train()
     ids = random_ids(2, 8, seed=10)

@@ -230,14 +230,41 @@ def test_torch_load_in_a_fresh_process(tmp_path):
 # ------------------------------------------------------------------------------------------------ backbone alone
 @pytest.mark.parametrize("model_type", DECODER_ARCHS)
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_calling_the_backbone_alone_raises(model_type, alpha):
+def test_calling_the_backbone_alone_lays_out_its_own_call(model_type, alpha):
+    """TRL's fused LM head runs ``model.base_model(...)`` itself: the backbone's patched forward builds the layout of
+    that call from its block ids, as the model's forward does (the same hidden states), and needs them as well."""
     model = build_model(model_type)
-    apply_explicit(model, alpha=alpha)
+    handle = apply_explicit(model, alpha=alpha)
     ids, blocks = _checked_inputs(model_type)
+    seen = []
+    hook = model.base_model.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
     with torch.no_grad():
-        model(input_ids=ids, block_ids=blocks)  # a previous call leaves nothing behind
-        with pytest.raises(hl.LocalistStateError, match="not an inner sub-module"):
-            model.base_model(input_ids=ids)
+        model(input_ids=ids, block_ids=blocks)  # the backbone passes the model's call on: one layout, one call
+        with handle.capture_layouts() as calls:
+            direct = model.base_model(input_ids=ids, block_ids=blocks).last_hidden_state
+        with pytest.raises(hl.BlockIdsError, match="explicit"):
+            model.base_model(input_ids=ids)  # no block ids, no anchor tokens
+    hook.remove()
+    assert torch.equal(calls[0].block_ids, blocks) and len(calls) == 1
+    assert torch.equal(direct, seen[0])
+
+
+def test_calling_a_decoder_layer_alone_raises():
+    model = build_model("llama")
+    apply_explicit(model, alpha=1.0)
+    ids = random_ids(2, T, seed=2)
+    hidden = model.model.embed_tokens(ids)
+    rotary = model.model.rotary_emb(hidden, torch.arange(T)[None])
+    with torch.no_grad(), pytest.raises(hl.LocalistStateError, match="not an inner sub-module"):
+        model.model.layers[0](hidden, position_embeddings=rotary)
+
+
+def test_revert_restores_the_backbone_forward():
+    model = build_model("llama")
+    handle = apply_explicit(model, alpha=1.0)
+    assert "forward" in model.model.__dict__
+    handle.revert()
+    assert "forward" not in model.model.__dict__ and "forward" not in model.__dict__
 
 
 # ------------------------------------------------------------------------------------------------ checkpointing

@@ -331,8 +331,8 @@ def test_unknown_routing_mode_and_bad_settings(zoo):
         router.recruit_specialist([[1, 2, 3]], r=500)
     with pytest.raises(LocalistConfigError, match="'delta'"):
         router(random_ids(6, 10), route_to=["delta"] * 6)
-    with pytest.raises(LocalistConfigError, match="num_beams"):  # the mixture loop has no beam search
-        router.generate(random_ids(6, 10), routing="soft", num_beams=2)
+    with pytest.raises(LocalistConfigError, match="cache_implementation"):  # one dynamic cache per specialist
+        router.generate(random_ids(6, 10), routing="soft", cache_implementation="static")
     with pytest.raises(LocalistConfigError, match="no specialist"):
         router.fit_router([(random_ids(6, 10)[0], "alpha"), (random_ids(6, 10)[1], "zeta")])
     with pytest.raises(LocalistConfigError, match="zeta"):

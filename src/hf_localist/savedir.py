@@ -19,6 +19,9 @@ any point leaves the complete old checkpoint, the complete new one, or a directo
 transformers or an older version) is not checked. Files the save did not write (a tokenizer saved next to the
 model, training logs) are left alone and never checked.
 
+:func:`update_manifest` records files rewritten in place afterwards (``save_localist_state`` adding the localist
+files to a saved directory), so the directory still verifies.
+
 Staging directories left behind by a killed save are removed by the next save into the same parent directory
 (:func:`remove_leftovers`); each carries the id of the process that made it, so a save in progress elsewhere keeps
 its own.
@@ -225,6 +228,22 @@ def commit_directory(staging: str, target: str, owned: Callable[[str], bool],
     _step("complete", MANIFEST_NAME)
     shutil.rmtree(staging, ignore_errors=True)
     return names
+
+
+def update_manifest(directory: str, written: Iterable[str], removed: Iterable[str] = ()) -> None:
+    """After files of a checkpoint were rewritten in place (``save_localist_state`` adding the localist files to a
+    saved directory): record the new checksums of ``written`` and drop ``removed`` from its complete manifest, so the
+    directory still verifies. No manifest: nothing to do. A pending one (an interrupted save) is left as it is: the
+    directory stays refused until it is saved again."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest["state"] != "complete":
+        return
+    files = dict(manifest["files"])
+    for rel in removed:
+        files.pop(rel, None)
+    for rel in written:
+        files[rel] = _digest(os.path.join(directory, *rel.split("/")))
+    _write_manifest(directory, "complete", files, None)
 
 
 def _write_manifest(target: str, state: str, files: dict, old: dict | None) -> None:

@@ -7,10 +7,13 @@ It adds a :class:`~hf_localist.training.callback.LocalistCallback` (penalties, l
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import Trainer
 
+from .config.localist import LOCALIST_CONFIG_NAME
+from .patch.adapters import bind_wrapper
 from .patch.persistence import load_localist_state, save_localist_state
 from .recruitment.recruit import RecruitmentCallback
 from .training.callback import LocalistCallback, localist_handle_of
@@ -25,6 +28,7 @@ class LocalistTrainer(Trainer):
     def __init__(self, *args: Any, localist_log_every: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         localist_handle_of(self.model)  # fail early, with a clear message, on an unpatched model
+        bind_wrapper(self.model)  # a peft model saves the localist files next to its adapter (patch/adapters.py)
         self.args.restore_callback_states_from_checkpoint = True
         existing = [cb for cb in self.callback_handler.callbacks if isinstance(cb, LocalistCallback)]
         if not existing:
@@ -70,11 +74,15 @@ class LocalistTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         # A peft model saves through PeftModel.save_pretrained, which never reaches the patched base model's
-        # save_pretrained: write the localist state tensors (calibrated subspaces, thresholds) here too.
+        # save_pretrained: bound to the wrapper (again here: the model may have been re-patched since the Trainer
+        # was built), that save writes the localist config and state next to the adapter, under the manifest.
+        bind_wrapper(self.model)
         super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            save_localist_state(localist_handle_of(self.model),
-                                output_dir if output_dir is not None else self.args.output_dir)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and not os.path.isfile(os.path.join(output_dir, LOCALIST_CONFIG_NAME)):
+            # A model the Trainer saved by its state dict alone (no save_pretrained of ours ran): add the localist
+            # files, so that the directory still carries the settings and the calibrated state.
+            save_localist_state(localist_handle_of(self.model), output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

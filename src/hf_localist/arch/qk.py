@@ -10,9 +10,17 @@ through them and in-place writes (the proximal step) change the model. The layou
 ``weight[:, E:E+H_kv*D].T``
 - ``fused_qkv``   rows ``[Q (H*D) | K (H_kv*D) | V]``   -> row slices, then ``view``
 - ``neox_interleaved`` rows grouped ``(H, 3, D)``        -> ``weight.view(H, 3, D, E)[:, 0 / 1]``
+
+Adapters (peft): the frozen weight of a wrapped projection lives at ``base_layer.weight``. ``effective=True`` reads
+``W_eff = W_0 + sum_a delta_a`` (every active, unmerged adapter's ``get_delta_weight``, in the base weight's
+layout), a new tensor that is differentiable with respect to the adapter factors only, so a penalty on it trains the
+adapters and never the frozen base. ``pick`` views any per-parameter tensor of the weight's shape (an optimizer's
+second moment, say) in the same per-head layout.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -23,10 +31,14 @@ from ..errors import UnsupportedArchitectureError
 _SHAPES: dict = {}  # sentinel for ``gathered``: shapes only (meta tensors), nothing is gathered
 
 
-def _weight(module: nn.Module, name: str, grad: bool = False, gathered: dict | None = None) -> torch.Tensor | None:
+def _weight(module: nn.Module, name: str, grad: bool = False, gathered: dict | None = None,
+            pick: Callable[[nn.Parameter], torch.Tensor | None] | None = None,
+            effective: bool = False) -> torch.Tensor | None:
     # peft wraps the projection: the frozen weight lives at base_layer.weight.
     weight = projection_module(module, name).weight
-    t = weight.grad if grad else weight
+    if effective:
+        return effective_weight(getattr(module, name))
+    t = pick(weight) if pick is not None else (weight.grad if grad else weight)
     if gathered is _SHAPES and t is not None:
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
     if not is_dtensor(t):
@@ -50,6 +62,37 @@ def projection_module(module: nn.Module, name: str) -> nn.Module:
     return getattr(proj, "base_layer", proj)
 
 
+def active_adapters(proj: nn.Module) -> list[str]:
+    """Names of the adapters of a peft-wrapped projection that change its output now (active, not merged)."""
+    if not hasattr(proj, "base_layer") or getattr(proj, "disable_adapters", False):
+        return []
+    merged = set(getattr(proj, "merged_adapters", []) or [])
+    names = getattr(proj, "active_adapters", []) or []
+    names = [names] if isinstance(names, str) else list(names)
+    return [a for a in names if a not in merged]
+
+
+def effective_weight(proj: nn.Module) -> torch.Tensor:
+    """``W_0 + sum_a delta_a``: the weight a (possibly peft-wrapped) projection applies, in the base weight's layout.
+
+    LoRA-family layers give their delta through ``get_delta_weight(adapter)`` (``scaling * B @ A``, transposed for
+    ``fan_in_fan_out``); it is differentiable with respect to the factors. Adapters whose effect is not an additive
+    delta of the weight (DoRA's magnitude, IA3's scaling) are refused: a penalty on ``W_0`` would not be the penalty
+    on the weight the model applies.
+    """
+    base = getattr(proj, "base_layer", proj)
+    w = full_tensor(base.weight) if is_dtensor(base.weight) else base.weight
+    for name in active_adapters(proj):
+        if (getattr(proj, "use_dora", {}) or {}).get(name, False) or not hasattr(proj, "get_delta_weight"):
+            kind = "DoRA" if (getattr(proj, "use_dora", {}) or {}).get(name, False) else type(proj).__name__
+            raise UnsupportedArchitectureError(
+                f"adapter {name!r} on {type(base).__name__} is a {kind} layer: the group-lasso penalty needs an "
+                "additive weight delta (LoRA, LoHa, LoKr); merge the adapter or use plain LoRA on the Q/K projections"
+            )
+        w = w + proj.get_delta_weight(name).to(w.dtype)
+    return w
+
+
 def head_counts(handle) -> tuple[int, int, int]:
     """(H, H_kv, D) of the patched model, from its config through the registry entry."""
     cfg = handle.base.config
@@ -57,10 +100,14 @@ def head_counts(handle) -> tuple[int, int, int]:
     return spec.num_heads(cfg), spec.num_kv_heads(cfg), spec.head_dim(cfg)
 
 
-def qk_head_weights(handle, layer: int, grad: bool = False, gathered: dict | None = None):
+def qk_head_weights(handle, layer: int, grad: bool = False, gathered: dict | None = None,
+                    pick: Callable[[nn.Parameter], torch.Tensor | None] | None = None, effective: bool = False):
     """(W_Q (H, D, E), W_K (H_kv, D, E)) of attention layer ``layer``, as views of the weights.
 
-    With ``grad=True`` the same views of the weights' ``.grad`` (``(None, None)`` before any backward).
+    With ``grad=True`` the same views of the weights' ``.grad`` (``(None, None)`` before any backward); with
+    ``pick`` the same views of ``pick(parameter)`` (a tensor of the parameter's shape, or None); with
+    ``effective=True`` views of the effective weights ``W_0 + adapter deltas`` (new tensors: writing to them changes
+    nothing).
 
     Sharded parameters (DTensor, e.g. FSDP2's ``fully_shard``) are all-gathered: the views are then of the full
     weight (differentiable; see ``distributed.full_tensor``), not of the parameter. To write through them, pass a
@@ -72,7 +119,8 @@ def qk_head_weights(handle, layer: int, grad: bool = False, gathered: dict | Non
     if spec.layout not in ("linear", "conv1d_fused", "fused_qkv", "neox_interleaved"):
         raise UnsupportedArchitectureError(f"no Q/K layout {spec.layout!r} for model_type={spec.model_type!r}")
     if spec.layout == "linear":
-        wq, wk = _weight(module, spec.q_proj, grad, gathered), _weight(module, spec.k_proj, grad, gathered)
+        wq = _weight(module, spec.q_proj, grad, gathered, pick, effective)
+        wk = _weight(module, spec.k_proj, grad, gathered, pick, effective)
         if wq is None or wk is None:
             return None, None
         if wq.dim() != 2 or wq.shape[0] != h * d:
@@ -80,7 +128,7 @@ def qk_head_weights(handle, layer: int, grad: bool = False, gathered: dict | Non
         if wk.dim() != 2 or wk.shape[0] != h_kv * d:
             raise _layout_error(spec, spec.k_proj, wk, f"(H_kv*D, E) = ({h_kv * d}, E)")
         return wq.view(h, d, wq.shape[1]), wk.view(h_kv, d, wk.shape[1])
-    w = _weight(module, spec.q_proj, grad, gathered)
+    w = _weight(module, spec.q_proj, grad, gathered, pick, effective)
     if w is None:
         return None, None
     if spec.layout == "conv1d_fused":

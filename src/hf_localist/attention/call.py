@@ -67,6 +67,9 @@ class Scope:
     probes: tuple = ()
     observers: tuple = ()  # lists that receive the CallContext of every finished outer call (capture_calls)
     generating: int = 0  # depth of generate() calls: there, block_ids given to generate() are the prompt's
+    # penalty='loss' is added by the caller (LocalistSFTTrainer.compute_loss), not by the model's forward: a direct
+    # backbone call (TRL's fused LM head) does not warn that the penalty is missing from its loss
+    penalty_by_caller: bool = False
 
 
 # One variable for every model: {id(state): Scope}. Keys are only present inside a ``with`` block, which holds a

@@ -155,8 +155,8 @@ def localist_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if ctx is None:
         raise LocalistStateError(
             f"no block layout for this call of layer {layer}: call the patched model itself (model(...), "
-            "model.generate), not an inner sub-module such as its backbone, so that block ids are computed for the "
-            "sequence"
+            "model.generate) or its backbone (model.base_model), not an inner sub-module such as a decoder layer, "
+            "so that block ids are computed for the sequence"
         )
     alpha_l = state.layer_alpha(layer, ctx.alpha)
     recorder = ctx.recorder

@@ -39,6 +39,7 @@ BLOCK_ASSIGNMENTS = ("segment", "explicit", "centroid")
 BLOCK_POSITIONS = ("continuous", "restart")
 PENALTIES = ("none", "loss", "prox")
 LAMBDA_MODES = ("fixed", "threshold")
+PROX_PRECONDITIONERS = ("auto", "none")
 SUBSPACES = ("coordinate", "pca")
 
 
@@ -119,6 +120,11 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         "Group-lasso penalty on Q/K head slices: 'none', 'loss' (the forward adds localist_loss_coef * penalty "
         "to outputs.loss in training mode), or 'prox' (LocalistCallback applies the proximal step after each "
         "optimizer step: exact zeros).", one_of(PENALTIES)))
+    prox_preconditioner: str = field(default="auto", metadata=spec(
+        "Step size of the proximal step: 'auto' shrinks each group by the optimizer's own step on it (lr for SGD, "
+        "lr / (sqrt(v_hat) + eps) averaged over the group for Adam/AdamW; other optimizers are refused), so zeros "
+        "appear where the calibrated threshold says; 'none' shrinks by lr * lambda whatever the optimizer.",
+        one_of(PROX_PRECONDITIONERS)))
     lambda_mode: str = field(default="fixed", metadata=spec(
         "'fixed': lambda = penalty_lambda; 'threshold': lambda = alpha_train * kappa * lambda_threshold "
         "per (layer, head, block), from estimate_constants(...).threshold().", one_of(LAMBDA_MODES)))
@@ -279,7 +285,8 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
     def from_pretrained(cls, path_or_id: str | os.PathLike, **overrides: Any) -> LocalistConfig:
         """Load a localist config.
 
-        ``path_or_id`` may be a directory or Hub id holding ``localist_config.json``; a model directory / Hub id
+        ``path_or_id`` may be a directory or Hub id holding ``localist_config.json`` (a localist model, or a peft
+        adapter saved from one, see :mod:`hf_localist.patch.adapters`); a model directory / Hub id
         whose ``config.json`` carries a ``localist`` entry (a model saved after ``apply_localist``); or any
         model directory / Hub id with a ``config.json``, for which defaults for that architecture are built
         (the architecture must be supported). Keyword arguments override fields.
@@ -309,6 +316,13 @@ class LocalistConfig(ValidatedFields, PushToHubMixin):
         if local is not None:
             return cls.from_dict(_read_json(local), **overrides)
         model_cfg = fetch("config.json")
+        if model_cfg is None and os.path.isdir(path_or_id) and os.path.isfile(
+                os.path.join(path_or_id, "adapter_config.json")):
+            raise LocalistLoadError(
+                f"{path_or_id!r} is a peft adapter directory without {LOCALIST_CONFIG_NAME}: it was saved by plain "
+                "peft, from a wrapper the localist patch did not see. Add the localist files from the trained model "
+                "(hf_localist.save_localist_state(model, directory)), or read the settings of the base model instead"
+            )
         if model_cfg is None:
             raise LocalistLoadError(
                 f"no {LOCALIST_CONFIG_NAME} or config.json found at {path_or_id!r}: pass a directory written by "

@@ -5,9 +5,12 @@ implementation to it, (2) tags each attention module with the shared :class:`Loc
 slots; nothing about any one call) and its layer index, (3) replaces the model's ``forward`` (an instance
 attribute, so peft's ``self.model.forward(...)`` reaches it too) by a
 :class:`~hf_localist.patch.forward.LocalistForward` that builds each call's block layout and passes it down with the
-call, and (4) wraps ``save_pretrained`` so the localist settings are written with the model, atomically.
-``handle.revert()`` undoes all four. Every patch is an instance of a small class, so a patched model can be deep-copied
-and pickled.
+call, and its backbone's ``forward`` by a :class:`~hf_localist.patch.forward.LocalistBackboneForward` (which passes
+that layout on, or builds one when the backbone is called directly, as TRL's trainers do), and (4) wraps
+``save_pretrained`` so the localist settings are written with the model, atomically (and, when ``model`` is a peft
+wrapper, the wrapper's ``save_pretrained`` too: :mod:`hf_localist.patch.adapters`).
+``handle.revert()`` undoes all four. Every patch is an instance of a small class, so a patched model can be
+deep-copied and pickled.
 
 The dial of a call and its scopes: see :mod:`hf_localist.patch.handle`.
 """
@@ -28,9 +31,10 @@ from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import LocalistConfigError, LocalistStateError, UnsupportedArchitectureError
 from ..savedir import check_save_target, commit_directory, model_file, staging_directory
-from .forward import LocalistForward, LocalistGenerate, PatchedMethod
+from .adapters import bind_wrapper
+from .forward import LocalistBackboneForward, LocalistForward, LocalistGenerate, PatchedMethod
 from .handle import LocalistHandle, check_token_ids, vocabulary_size
-from .persistence import save_localist_state
+from .persistence import write_localist_files
 from .slots import CentroidAssignHook
 
 
@@ -110,11 +114,26 @@ def apply_localist(model: nn.Module, config: LocalistConfig | None = None, **ove
     handle._hooks = [m.register_forward_pre_hook(CentroidAssignHook(state, i), with_kwargs=True)
                      for i, m in enumerate(modules)]
     base.forward = LocalistForward(base, state, base.__dict__.get("forward"))
+    backbone = _backbone(base, modules)
+    if backbone is not None:
+        backbone.forward = LocalistBackboneForward(backbone, state, backbone.__dict__.get("forward"))
+    handle._backbone = backbone
     base.save_pretrained = LocalistSave(base, state, base.__dict__.get("save_pretrained"))
     if callable(getattr(base, "generate", None)):
         base.generate = LocalistGenerate(base, state, base.__dict__.get("generate"))
     base.localist_handle = handle
+    bind_wrapper(model)  # a peft wrapper saves the localist files next to its adapter (patch/adapters.py)
     return handle
+
+
+def _backbone(base: nn.Module, modules: list[nn.Module]) -> nn.Module | None:
+    """The model's backbone (``base.base_model``, e.g. ``LlamaModel``) when it is a sub-module holding every attention
+    module, else None. Libraries call it directly (TRL's fused LM head): its forward is patched too."""
+    backbone = getattr(base, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is base:
+        return None
+    inside = {id(m) for m in backbone.modules()}
+    return backbone if all(id(m) in inside for m in modules) else None
 
 
 def _warn_if_no_block_can_start(config: LocalistConfig) -> None:
@@ -147,8 +166,7 @@ class LocalistSave(PatchedMethod):
         tmp = staging_directory(save_directory)
         try:
             self.original()(tmp, *args, **kwargs)
-            state.config.save_pretrained(tmp)
-            save_localist_state(base.localist_handle, tmp)
+            write_localist_files(base.localist_handle, tmp)
             commit_directory(tmp, save_directory, model_file)
         finally:
             if os.path.isdir(tmp):

@@ -6,6 +6,9 @@ the block ids of cached positions travel with the KV cache object (:mod:`hf_loca
 a full forward over the whole sequence. The patches are instances of small classes (not closures), so a patched
 model survives ``copy.deepcopy`` (the copy runs its own weights) and ``torch.save`` / ``torch.load``.
 
+The backbone (``model.base_model``) gets a :class:`LocalistBackboneForward`: it passes the layout of the model's call
+on, or builds one when the backbone is called directly (TRL's fused LM head does that).
+
 Higher layers extend the forward's output without this module importing them: ``register_output_hook`` (the
 training penalty adds ``localist_loss`` to ``outputs.loss`` this way).
 """
@@ -14,11 +17,12 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
 
-from ..attention.call import CALL_KWARG, CallContext, current_call, scope_of, scoped
+from ..attention.call import CALL_KWARG, CallContext, call_from_kwargs, current_call, scope_of, scoped
 from ..blocks.ids import anchor_flags, segment_block_ids, validate_block_ids
 from ..blocks.positions import restart_positions
 from ..errors import BlockIdsError, LocalistConfigError, LocalistStateError
@@ -75,6 +79,10 @@ class LocalistForward(PatchedMethod):
             raise LocalistStateError(
                 f"{CALL_KWARG!r} is set by the localist forward itself: do not pass it to model(...)"
             )
+        return self.run(args, kwargs, output_hooks=True)
+
+    def run(self, args: tuple, kwargs: dict, output_hooks: bool):
+        """Build the call's layout, run the original forward with it, then the output hooks if ``output_hooks``."""
         block_ids = kwargs.pop("block_ids", None)
         target_block_ids = kwargs.pop("target_block_ids", None)
         alpha = check_alpha(kwargs.pop("localist_alpha", None))
@@ -90,9 +98,10 @@ class LocalistForward(PatchedMethod):
                 out = original(*args, **kwargs)
         finally:
             call.mask_cache.clear()  # do not hold a (B, 1, T, S) mask between calls
-        handle = self.base.__dict__.get("localist_handle")
-        for hook in _OUTPUT_HOOKS.values():
-            out = hook(handle, out, bound, kwargs)
+        if output_hooks:
+            handle = self.base.__dict__.get("localist_handle")
+            for hook in _OUTPUT_HOOKS.values():
+                out = hook(handle, out, bound, kwargs)
         cache = output_cache(out)
         if cache is None:
             cache = cache_arg(bound)
@@ -104,6 +113,37 @@ class LocalistForward(PatchedMethod):
         for observer in scope.observers:
             observer.append(call)
         return out
+
+
+class LocalistBackboneForward(LocalistForward):
+    """``forward`` of the backbone of a localist model (``model.base_model``, e.g. the ``LlamaModel`` inside
+    ``LlamaForCausalLM``).
+
+    Called by the model's own forward, it gets the call's layout (``localist_call``) and passes it on unchanged.
+    Called directly, as TRL's trainers do (their fused LM head, ``trl.trainer.utils.add_fused_lm_head``, runs
+    ``model.base_model(...)`` and projects the hidden states itself), it builds the layout from ``block_ids`` / the
+    anchor tokens like the model's forward. The output hooks do not run there: a backbone output has no loss, so a
+    ``penalty='loss'`` term cannot be added; a warning says so in training (``LocalistSFTTrainer`` adds it itself).
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if call_from_kwargs(kwargs) is not None:  # the kwarg, or (modeling code that drops kwargs) the outer call
+            given = [name for name in EXTRA_FORWARD_ARGS if kwargs.get(name) is not None]
+            if given:
+                raise LocalistStateError(
+                    f"{given} passed to the backbone inside a call of the model's forward, which already built the "
+                    "call's block layout: pass them to the model's forward"
+                )
+            return self.original()(*args, **kwargs)  # inside the model's forward: the layout is already built
+        if (self.state.config.penalty == "loss" and self.base.training and torch.is_grad_enabled()
+                and not scope_of(self.state).penalty_by_caller):
+            warnings.warn(
+                "hf_localist: penalty='loss' adds the penalty to outputs.loss of the model's forward, but the backbone "
+                "was called directly (TRL's fused LM head does this), so the penalty is not in this loss: use "
+                "hf_localist.integrations.trl.LocalistSFTTrainer, or penalty='prox' with LocalistCallback",
+                UserWarning, stacklevel=2,
+            )
+        return self.run(args, kwargs, output_hooks=False)
 
 
 class LocalistGenerate(PatchedMethod):

@@ -20,6 +20,7 @@ from ..attention.recorder import DiagnosticsRecorder
 from ..attention.state import LocalistState
 from ..config.localist import MODEL_CONFIG_KEY, LocalistConfig
 from ..errors import BlockIdsError, LocalistConfigError, LocalistStateError
+from .adapters import unbind_wrapper
 from .blockkv import BlockKV, compose_cache, encode_block
 from .forward import PatchedMethod, check_alpha
 from .slots import activate_block, describe_blocks
@@ -38,6 +39,8 @@ class LocalistHandle:
         self._original_impl = original_impl
         self._previous_config_entry = previous_config_entry
         self._active = True
+        #: peft wrappers whose save_pretrained writes the localist files too (patch/adapters.py); undone by revert.
+        self.wrappers: list[nn.Module] = []
 
     # ------------------------------------------------------------------ settings
     @property
@@ -173,18 +176,26 @@ class LocalistHandle:
 
     # ------------------------------------------------------------------ undo
     def revert(self) -> nn.Module:
-        """Restore the exact original model: attention implementation, forward, save_pretrained, config."""
+        """Restore the exact original model: attention implementation, forward (the backbone's too), save_pretrained
+        (also of the peft wrappers that got one), config."""
         self._check_active()
         base = self.base
         for module in self.attention_modules:
             for attr in ("_localist_state", "_localist_layer"):
                 if attr in module.__dict__:
                     delattr(module, attr)
-        for attr in ("forward", "generate", "save_pretrained"):
-            patched = base.__dict__.pop(attr, None)
-            if isinstance(patched, PatchedMethod) and patched.previous is not None:
-                base.__dict__[attr] = patched.previous  # an instance-level method that was there before the patch
+        patched_methods = [(base, ("forward", "generate", "save_pretrained"))]
+        if getattr(self, "_backbone", None) is not None:
+            patched_methods.append((self._backbone, ("forward",)))
+        for module, attrs in patched_methods:
+            for attr in attrs:
+                patched = module.__dict__.pop(attr, None)
+                if isinstance(patched, PatchedMethod) and patched.previous is not None:
+                    module.__dict__[attr] = patched.previous  # an instance-level method there before the patch
         base.__dict__.pop("localist_handle", None)
+        for wrapper in getattr(self, "wrappers", []):
+            unbind_wrapper(wrapper)
+        self.wrappers = []
         for hook in getattr(self, "_hooks", []):
             hook.remove()
         base.set_attn_implementation(self._original_impl)

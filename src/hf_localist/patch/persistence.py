@@ -5,6 +5,10 @@ go to ``localist_state.safetensors`` (safetensors only: no pickle on load), writ
 (recruitment) go to ``localist_blocks.json``: ``{"active_blocks", "subspace_rank", "blocks": {slot: record},
 "recruitment_status"}``;
 loading it restores those two config fields too, so a checkpoint brings back which slots are blocks.
+
+:func:`save_localist_state` / :func:`load_localist_state` are public (``hf_localist.save_localist_state``): they take
+a model (also a peft or DDP wrapper) or its handle, e.g. to add the localist files to an adapter directory written by
+plain peft. Model and adapter saves call :func:`write_localist_files` on their staging directory instead.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import LocalistLoadError
+from ..config.localist import LOCALIST_CONFIG_NAME
+from ..errors import LocalistLoadError, LocalistStateError
+from ..savedir import update_manifest
 from ..utils import atomic_write_text
 
 STATE_FILE = "localist_state.safetensors"
@@ -24,16 +30,87 @@ _TENSORS = ("subspaces", "lambda_threshold", "centroids", "block_enabled")
 _PER_LAYER = ("subspaces", "lambda_threshold")  # first dimension = attention layers
 _PER_SLOT = ("centroids", "block_enabled")  # first dimension = max_blocks + 1
 BLOCKS_FILE = "localist_blocks.json"
+#: Every file the localist side of a save writes (settings, state tensors, block records).
+LOCALIST_FILES = (LOCALIST_CONFIG_NAME, STATE_FILE, BLOCKS_FILE)
 
 
-def save_localist_state(handle, directory: str) -> str | None:
+def handle_of(model_or_handle):
+    """The ``LocalistHandle`` of a handle or of a (possibly peft-, DDP- or accelerate-wrapped) localist model."""
+    seen = model_or_handle
+    for _ in range(5):
+        if hasattr(seen, "state") and hasattr(seen, "attention_modules"):  # a LocalistHandle (duck-typed: no cycle)
+            if not seen.active:
+                raise LocalistStateError("this LocalistHandle was reverted: call apply_localist again to re-patch")
+            return seen
+        handle = getattr(seen, "localist_handle", None)
+        if handle is not None and hasattr(handle, "state"):
+            seen = handle
+        elif callable(getattr(seen, "get_base_model", None)):
+            seen = seen.get_base_model()
+        elif getattr(seen, "module", None) is not None:
+            seen = seen.module
+        else:
+            break
+    raise LocalistStateError(
+        f"{type(model_or_handle).__name__} is not localist: pass a model patched with hf_localist.apply_localist "
+        "(or a peft model around one), or its LocalistHandle")
+
+
+def save_localist_state(model_or_handle, directory: str | os.PathLike) -> str | None:
+    """Write the localist files of a localist model (or its handle) into ``directory``: ``localist_config.json``,
+    the state tensors (``localist_state.safetensors``: calibrated subspaces, threshold lambdas, centroids) and the
+    block records (``localist_blocks.json``) where there are any. Each file is replaced atomically; a state file or
+    block record of an earlier save that the model no longer has is removed; a directory saved by hf_localist gets
+    its manifest updated, so it still verifies. Returns the path of the state tensors file, or None when the model
+    has none."""
+    handle = handle_of(model_or_handle)
+    directory = os.fspath(directory)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise LocalistLoadError(f"save_localist_state: {directory!r} is not a directory: pass a directory (it is "
+                                "created when missing)")
+    path = write_localist_files(handle, directory)
+    stale = ([STATE_FILE] if path is None else []) + ([] if _has_block_record(handle) else [BLOCKS_FILE])
+    removed = [n for n in stale if os.path.lexists(os.path.join(directory, n))]
+    for name in removed:
+        os.unlink(os.path.join(directory, name))
+    written = [n for n in LOCALIST_FILES if n not in stale]
+    update_manifest(directory, written, removed)
+    return path
+
+
+def load_localist_state(model_or_handle, directory: str | os.PathLike) -> bool:
+    """Load the state tensors and block records in ``directory`` into a localist model (or its handle), where
+    their files exist; returns whether it loaded anything. The settings (``localist_config.json``) are not read:
+    ``apply_localist(model, LocalistConfig.from_pretrained(directory))`` applies them. A file that is corrupt or does
+    not fit the model raises ``LocalistLoadError`` and changes nothing."""
+    handle = handle_of(model_or_handle)
+    directory = os.fspath(directory)
+    path = os.path.join(directory, STATE_FILE)
+    expected = _expected_tensors(os.path.join(directory, BLOCKS_FILE))
+    loaded = _load_tensors(handle, path, expected)
+    return _load_block_records(handle, directory) or loaded
+
+
+def write_localist_files(handle, directory: str) -> str | None:
+    """``localist_config.json``, the state tensors and the block records of ``handle`` into ``directory`` (a save's
+    staging directory); returns the path of the state tensors file, or None when there are none."""
+    handle.config.save_pretrained(directory)
+    return _write_state(handle, directory)
+
+
+def _has_block_record(handle) -> bool:
+    return bool(handle.state.block_info or getattr(handle.config, "recruitment", None) is not None
+                or handle.state.recruitment_status)
+
+
+def _write_state(handle, directory: str) -> str | None:
     """Write the state tensors of ``handle`` into ``directory``; returns the path, or None when there are none."""
     tensors = {name: getattr(handle.state, name).detach().cpu().contiguous()
                for name in _TENSORS if getattr(handle.state, name, None) is not None}
     if "block_enabled" in tensors:
         tensors["block_enabled"] = tensors["block_enabled"].to(torch.uint8)  # safetensors stores bool, but be explicit
     cfg = handle.config
-    if handle.state.block_info or getattr(cfg, "recruitment", None) is not None or handle.state.recruitment_status:
+    if _has_block_record(handle):
         # Which slots are blocks is part of the model: a checkpoint resumed into a freshly built config gets them back.
         # state_tensors: which tensors the state file holds, so that a load notices a missing or truncated one
         # (blocks without their centroids would load silently and never take a token).
@@ -48,16 +125,6 @@ def save_localist_state(handle, directory: str) -> str | None:
     save_file(tensors, tmp)
     os.replace(tmp, path)
     return path
-
-
-def load_localist_state(handle, directory: str) -> bool:
-    """Load state tensors and block records from ``directory`` into ``handle`` where their files exist; returns
-    whether it loaded anything."""
-    directory = os.fspath(directory)
-    path = os.path.join(directory, STATE_FILE)
-    expected = _expected_tensors(os.path.join(directory, BLOCKS_FILE))
-    loaded = _load_tensors(handle, path, expected)
-    return _load_block_records(handle, directory) or loaded
 
 
 def _expected_tensors(blocks_path: str) -> list[str]:

@@ -346,10 +346,17 @@ class LocalistRouterOutput(ModelOutput):
 
 @dataclass
 class LocalistRouterGenerateOutput(ModelOutput):
+    """``router.generate(..., return_dict_in_generate=True)``: the sequences (B * returned sequences per input,
+    prompt + new), the routing of the B prompts, and with ``output_scores`` / ``output_logits`` transformers' per-step
+    processed scores / raw logits (for soft / top_k the raw logits are the mixture's log-probabilities; for hard
+    routing a step that an input's specialist did not run, because all its inputs had stopped, is NaN)."""
+
     sequences: torch.LongTensor | None = None
     router_probs: torch.Tensor | None = None
     chosen: torch.LongTensor | None = None
     domain_entropy: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass

@@ -1,71 +1,99 @@
-"""Generation of ``LocalistRouterModel``: hard routing (each specialist's own ``generate``) and mixtures (soft /
-top_k: one KV cache per specialist, next-token distributions mixed at every step). ``d`` is the routing decision
-of the prompt (``RoutingDecision``); ``model_of(m)`` returns specialist ``m`` as a callable causal LM."""
+"""Generation of ``LocalistRouterModel``: every routing mode decodes in transformers' own ``generate``.
+
+hard: each group of inputs runs its specialist's own ``generate``; soft / top_k: a :class:`~.mixture.MixtureLM`
+(one KV cache per specialist, the mixture's log-probabilities as logits) runs ``GenerationMixin.generate``. Either
+way transformers applies the generation config, logits processors and warpers, stopping criteria, streamers, beam
+search and sampling. ``d`` is the routing decision of the prompts (``RoutingDecision``); ``model_of(m)`` returns
+specialist ``m`` as a causal LM.
+"""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, GenerationMixin
 
 from ..errors import LocalistConfigError
+from .mixture import MixtureLM
 
-#: What the soft / top_k mixture loop implements; hard routing passes every argument to the specialist's own
-#: ``generate`` (transformers' loop: logits processors, stopping criteria, streamers, ``generation_config``).
-MIXTURE_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
-                "repetition_penalty")
-#: GenerationConfig entries that say nothing about decoding (or that the loop needs not honour).
-_IGNORED = {"transformers_version", "_from_model_config", "bos_token_id", "decoder_start_token_id", "use_cache"}
+#: Arguments of transformers' ``generate`` besides the generation config's fields (handed to it as they are).
+GENERATE_ARGUMENTS = frozenset(inspect.signature(GenerationMixin.generate).parameters) - {
+    "self", "inputs", "generation_config", "kwargs"} | {"tokenizer", "assistant_tokenizer", "trust_remote_code"}
+
+#: What a mixture (soft / top_k) refuses, with why: it is several models with one cache each.
+MIXTURE_REFUSED = {
+    "cache": "the mixture builds one KV cache per specialist inside generate; a cache object cannot be passed in",
+    "past_key_values": "the mixture builds one KV cache per specialist inside generate; a cache object cannot be "
+                       "passed in",
+}
+
+#: Generation-config fields that no routing mode can return: the router's output has no attention weights or hidden
+#: states (run a specialist's own generate: ``router.get_specialist(name).generate``).
+UNRETURNED = ("output_attentions", "output_hidden_states")
 
 
-def generation_options(mode: str, base: Any, gen_kwargs: dict) -> dict:
-    """The decoding options of one ``router.generate`` call: defaults from the base's generation config, then a
-    ``generation_config=`` argument, then keyword arguments. Hard routing keeps every other argument for the
-    specialists' ``generate`` (``opts["extra"]``); a mixture refuses what its loop does not implement."""
-    gen_kwargs = dict(gen_kwargs)
-    given = gen_kwargs.pop("generation_config", None)
+@dataclass
+class GenerationCall:
+    """The settings of one ``router.generate`` call: ``config`` the full generation config, ``arguments`` the other
+    arguments of transformers' ``generate`` (logits processors, stopping criteria, streamer, ...)."""
+
+    config: GenerationConfig
+    arguments: dict = field(default_factory=dict)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.pad_token_id
+
+
+def prepare_generation(mode: str, base: Any, gen_kwargs: dict, return_dict_in_generate: bool) -> GenerationCall:
+    """The generation config of one call: the router's defaults (greedy, 20 new tokens, the base's eos / pad / bos
+    tokens, pad 0 when it has none), then the fields a ``generation_config=`` argument sets, then keyword arguments
+    naming generation-config fields. Everything else is an argument of transformers' ``generate``; hard routing also
+    passes model arguments on to the specialists. A mixture refuses what it cannot do, naming the argument."""
+    kwargs = dict(gen_kwargs)
+    given = kwargs.pop("generation_config", None)
     if given is not None and not isinstance(given, GenerationConfig):
         raise LocalistConfigError(f"generation_config must be a transformers GenerationConfig, got "
                                   f"{type(given).__name__}")
-    gcfg = getattr(base, "generation_config", None)
-    opts = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None,
-            "eos_token_id": getattr(gcfg, "eos_token_id", None), "pad_token_id": getattr(gcfg, "pad_token_id", None),
-            "repetition_penalty": None}
-    if given is not None:
-        diff = {k: v for k, v in given.to_diff_dict().items() if k not in _IGNORED}
-        if mode != "hard":
-            unsupported = sorted(set(diff) - set(MIXTURE_KEYS))
-            if unsupported:
-                raise LocalistConfigError(f"{mode} routing: generation_config sets {unsupported}, which the mixture "
-                                          f"loop does not implement (it supports {list(MIXTURE_KEYS)}); hard routing "
-                                          "passes every generation argument to transformers")
-        opts.update({k: v for k, v in diff.items() if k in MIXTURE_KEYS})
-    extra = {k: gen_kwargs.pop(k) for k in list(gen_kwargs) if k not in MIXTURE_KEYS}
-    if extra and mode != "hard":
-        raise LocalistConfigError(f"{mode} routing: generate() got unsupported argument(s) {sorted(extra)}; the "
-                                  f"mixture loop supports {list(MIXTURE_KEYS)} and generation_config= (hard routing "
-                                  "passes every transformers generation argument to the specialist's generate)")
-    opts.update(gen_kwargs)
-    if given is not None:
-        extra["generation_config"] = given
-    opts["extra"] = extra
-    if opts["pad_token_id"] is None:
-        opts["pad_token_id"] = base.config.get_text_config().pad_token_id or 0
-    return opts
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half-precision logits; float32 / float64 stay as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    defaults = getattr(base, "generation_config", None)
+    # return_dict_in_generate first: transformers' validation warns about output_scores without it
+    config = GenerationConfig(do_sample=False, return_dict_in_generate=bool(return_dict_in_generate), **{
+        k: getattr(defaults, k, None) for k in ("eos_token_id", "pad_token_id", "bos_token_id")})
+    try:
+        if given is not None:
+            config.update(**{k: v for k, v in given.to_diff_dict().items() if k != "transformers_version"})
+        arguments = config.update(**kwargs)  # the generation-config fields among the keywords; returns the others
+    except ValueError as e:  # GenerationConfig.validate: a value it refuses
+        raise LocalistConfigError(f"router.generate: invalid generation settings ({e})") from e
+    config.return_dict_in_generate = bool(return_dict_in_generate or config.return_dict_in_generate)
+    if config.max_new_tokens is None and config.max_length is None:
+        config.max_new_tokens = 20
+    if config.pad_token_id is None:
+        config.pad_token_id = base.config.get_text_config().pad_token_id or 0
+    unreturned = [k for k in UNRETURNED if getattr(config, k, None)]
+    if unreturned:
+        raise LocalistConfigError(f"router.generate: {unreturned} cannot be returned (a router output has no attention "
+                                  "weights or hidden states); run one specialist's own generate: "
+                                  "router.get_specialist(name).generate(...)")
+    if mode != "hard":
+        refused = sorted(k for k in arguments if k in MIXTURE_REFUSED and arguments[k] is not None)
+        if refused:
+            raise LocalistConfigError(f"{mode} routing: generate() argument {refused[0]!r}: "
+                                      f"{MIXTURE_REFUSED[refused[0]]} (hard routing passes it to the specialist's "
+                                      "own generate)")
+        model_args = sorted(k for k in arguments if k not in GENERATE_ARGUMENTS)
+        if model_args:
+            raise LocalistConfigError(
+                f"{mode} routing: generate() got {model_args}, which are neither generation-config fields nor "
+                "arguments of transformers' generate; a mixture does not forward model arguments to its specialists "
+                "(hard routing does)")
+        if config.cache_implementation not in (None, "dynamic"):
+            raise LocalistConfigError(f"{mode} routing: cache_implementation={config.cache_implementation!r}: the "
+                                      "mixture keeps one dynamic KV cache per specialist (leave it unset)")
+    return GenerationCall(config, arguments)
 
 
 def to_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,90 +105,66 @@ def to_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return ids.gather(1, order), mask.gather(1, order)
 
 
-def cache_kwarg(model: Any) -> str:
-    """The name under which ``model``'s forward takes the KV cache: ``cache`` since transformers 5.24 (where
-    ``past_key_values`` is deprecated), else ``past_key_values``."""
-    forward = getattr(model, "forward", None)
-    if forward is None:  # BaseOnly: the pool's base model
-        forward = getattr(getattr(getattr(model, "pool", None), "base", None), "forward", None)
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
+@dataclass
+class Generated:
+    """What a routing mode generated: ``sequences`` (B * n, prompt + new) with n the returned sequences per input;
+    ``scores`` / ``logits`` per step (B * rows per input, V) when the config asks for them."""
+
+    sequences: torch.Tensor
+    scores: tuple | None = None
+    logits: tuple | None = None
 
 
-def output_cache(out: Any) -> Any:
-    """The KV cache of a model output, read by its current name first (the old one logs a deprecation)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+def _unpack(out: Any) -> Generated:
+    if torch.is_tensor(out):
+        return Generated(out)
+    return Generated(out.sequences, getattr(out, "scores", None), getattr(out, "logits", None))
 
 
-def generate_hard(model_of: Callable[[int], Any], d, ids, mask, pos, opts: dict) -> torch.Tensor:
+def _spread(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of inputs ``idx`` in a batch where each input has ``n`` consecutive rows (beams, returned sequences)."""
+    return (idx[:, None] * n + torch.arange(n, device=idx.device)).flatten()
+
+
+def _merge_steps(pieces: list[tuple[torch.Tensor, tuple | None]], batch: int) -> tuple | None:
+    """Per-step (rows, V) tensors of each group merged into (batch * rows per input, V); a step that a group did not
+    run (it stopped earlier) is NaN in that group's rows."""
+    if any(steps is None for _, steps in pieces):
+        return None
+    merged = []
+    for t in range(max(len(steps) for _, steps in pieces)):
+        out = None
+        for idx, steps in pieces:
+            ref = steps[min(t, len(steps) - 1)]
+            n = ref.shape[0] // idx.shape[0]
+            out = ref.new_full((batch * n, ref.shape[-1]), torch.nan) if out is None else out
+            if t < len(steps):
+                out[_spread(idx, n)] = steps[t]
+        merged.append(out)
+    return tuple(merged)
+
+
+def generate_hard(model_of: Callable[[int], Any], d, ids: torch.Tensor, mask: torch.Tensor,
+                  call: GenerationCall) -> Generated:
     """Hard routing: each group of inputs runs its specialist's own ``generate`` (its KV cache, its sampling)."""
-    kw = {k: opts[k] for k in ("max_new_tokens", "do_sample", "eos_token_id", "pad_token_id")}
-    if opts["do_sample"]:
-        kw.update({k: opts[k] for k in ("temperature", "top_k", "top_p") if opts[k] is not None})
-    if opts["repetition_penalty"] is not None:
-        kw["repetition_penalty"] = opts["repetition_penalty"]
-    kw.update(opts.get("extra", {}))  # anything else transformers' generate takes
-    pieces = {}
+    groups = []
     for m in d.chosen[:, 0].unique().tolist():
         idx = (d.chosen[:, 0] == m).nonzero().squeeze(1)
-        pieces[m] = (idx, model_of(m).generate(
-            input_ids=ids[idx], attention_mask=mask[idx], **kw))
-    width = max(p.shape[1] for _, p in pieces.values())
-    out = ids.new_full((ids.shape[0], width), opts["pad_token_id"])
-    for idx, p in pieces.values():
-        out[idx, : p.shape[1]] = p
-    return out
+        out = model_of(m).generate(input_ids=ids[idx], attention_mask=mask[idx], generation_config=call.config,
+                                   **call.arguments)
+        groups.append((idx, _unpack(out)))
+    width = max(g.sequences.shape[1] for _, g in groups)
+    n = groups[0][1].sequences.shape[0] // groups[0][0].shape[0]  # sequences returned per input
+    seqs = ids.new_full((ids.shape[0] * n, width), call.pad_token_id)
+    for idx, g in groups:
+        seqs[_spread(idx, n), : g.sequences.shape[1]] = g.sequences
+    return Generated(seqs, _merge_steps([(idx, g.scores) for idx, g in groups], ids.shape[0]),
+                     _merge_steps([(idx, g.logits) for idx, g in groups], ids.shape[0]))
 
-def generate_mixture(model_of: Callable[[int], Any], d, ids, mask, pos, opts: dict) -> torch.Tensor:
-    """soft / top_k: one KV cache per specialist; each step mixes next-token distributions,
-    ``log sum_m w_m p_m`` over the routed specialists, then picks (greedy) or samples with the warpers."""
-    warpers = LogitsProcessorList()
-    penalty = LogitsProcessorList()
-    if opts["repetition_penalty"] not in (None, 1.0):
-        penalty.append(RepetitionPenaltyLogitsProcessor(opts["repetition_penalty"]))
-    if opts["do_sample"]:
-        if opts["temperature"] not in (None, 1.0):
-            warpers.append(TemperatureLogitsWarper(opts["temperature"]))
-        if opts["top_k"]:
-            warpers.append(TopKLogitsWarper(opts["top_k"]))
-        if opts["top_p"] is not None and opts["top_p"] < 1.0:
-            warpers.append(TopPLogitsWarper(opts["top_p"]))
-    eos = opts["eos_token_id"]
-    eos = torch.tensor([eos] if isinstance(eos, int) else (eos or []), device=ids.device)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos
-    state = {}
-    for m in d.chosen.unique().tolist():
-        sel = d.chosen == m
-        rows = sel.any(1).nonzero().squeeze(1)
-        state[m] = [rows, torch.where(sel, d.log_weights, 0.0).sum(1)[rows], None]
-    seq, finished = ids, torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    step_ids, step_pos = ids, pos
-    for _ in range(opts["max_new_tokens"]):
-        mixed = None
-        for m, (rows, log_w, cache) in state.items():
-            model = model_of(m)
-            out = model(input_ids=step_ids[rows], attention_mask=mask[rows], position_ids=step_pos[rows],
-                        use_cache=True, **{cache_kwarg(model): cache})
-            state[m][2] = output_cache(out)
-            lp = upcast(out.logits[:, -1]).log_softmax(-1) + log_w[:, None]
-            mixed = lp.new_full((ids.shape[0], lp.shape[-1]), -torch.inf) if mixed is None else mixed
-            mixed = mixed.index_copy(0, rows, torch.logaddexp(mixed[rows], lp))
-        mixed = penalty(seq, mixed)  # on the mixture's log-probabilities, as transformers does on logits
-        if opts["do_sample"]:
-            scores = warpers(seq, mixed)
-            nxt = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-        else:
-            nxt = mixed.argmax(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, opts["pad_token_id"]), nxt)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        finished = finished | torch.isin(nxt, eos)
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        step_pos = step_pos[:, -1:] + 1
-        step_ids = nxt[:, None]
-    return seq
+
+def generate_mixture(model_of: Callable[[int], Any], d, ids: torch.Tensor, mask: torch.Tensor, call: GenerationCall,
+                     base: Any, vocab_size: int) -> Generated:
+    """soft / top_k: transformers' ``generate`` on the mixture of the routed specialists (see ``MixtureLM``)."""
+    mixture = MixtureLM(d.chosen, d.log_weights, model_of, base, vocab_size)
+    return _unpack(mixture.generate(input_ids=ids, attention_mask=mask, generation_config=call.config,
+                                    **call.arguments))

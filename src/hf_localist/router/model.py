@@ -40,8 +40,9 @@ from .config import (
     RoutingDecision,
     resolve_entry_path,
 )
-from .generate import generate_hard, generate_mixture, generation_options, to_left_padding
-from .generate import upcast as _upcast
+from .generate import generate_hard, generate_mixture, prepare_generation, to_left_padding
+from .loading import open_specialists, router_config
+from .mixture import mixture_log_probs
 from .recruit import domain_entropy, fit_router, init_router_from_prompts, recruit_specialist
 
 logger = logging.getLogger(__name__)
@@ -99,24 +100,7 @@ class LocalistRouterModel(PreTrainedModel):
         apart by their files. ``config_kwargs`` set other LocalistRouterConfig fields (routing_k, ...);
         ``model_kwargs`` go to ``from_pretrained`` of the base and of full specialists (dtype, device_map, ...;
         the router moves to the base's device)."""
-        if not isinstance(specialists, dict) or not specialists:
-            raise LocalistConfigError(f"specialists={specialists!r}: expected a non-empty dict name -> path")
-        base_loc = resolve_entry_path(None, "the base model", os.fspath(base), "reference")
-        entries = {}
-        for name, spec in specialists.items():
-            rc.check_name(name)
-            path = spec.get("path") if isinstance(spec, dict) else spec
-            if not isinstance(path, (str, os.PathLike)):
-                raise LocalistConfigError(f"specialist {name!r}: path={path!r} is not a path or Hub id")
-            loc = resolve_entry_path(None, f"specialist {name!r}", os.fspath(path), "reference")
-            rec = spec.get("recruitment") if isinstance(spec, dict) else None
-            entries[name] = {"path": loc, "kind": rc.detect_kind(loc, f"specialist {name!r}"), "source": "reference",
-                             "recruitment": rec or {"method": "given"}}
-        base_cfg = _read_model_config(base_loc, "the base model")
-        text = base_cfg.get_text_config()
-        config = LocalistRouterConfig(base_model_path=base_loc, specialists=entries, routing=routing,
-                                      hidden_size=text.hidden_size, vocab_size=text.vocab_size,
-                                      base_model_type=base_cfg.model_type, **config_kwargs)
+        config = router_config(base, specialists, routing, config_kwargs)
         model = cls(config)
         model._attach(None, tokenizer, model_kwargs)
         return model
@@ -169,28 +153,9 @@ class LocalistRouterModel(PreTrainedModel):
 
     def _attach(self, root: str | None, tokenizer: Any, model_kwargs: dict | None = None) -> None:
         """Load the base, check every specialist's files against it, set up the lazy specialist pool."""
-        cfg = self.config
         self._root = root
-        base_loc = resolve_entry_path(root, "the base model", cfg.base_model_path, cfg.base_source)
-        try:
-            base = rs.load_causal_lm(base_loc, **(model_kwargs or {}))
-        except Exception as e:  # noqa: BLE001
-            raise LocalistLoadError(f"the base model: cannot load {base_loc!r} ({type(e).__name__}: {e})") from e
-        base.eval().requires_grad_(False)
-        text = base.config.get_text_config()
-        if (text.hidden_size, text.vocab_size, base.config.model_type) != (cfg.hidden_size, cfg.vocab_size,
-                                                                           cfg.base_model_type):
-            raise LocalistLoadError(
-                f"the base model at {base_loc!r} ({base.config.model_type}, hidden {text.hidden_size}, vocab "
-                f"{text.vocab_size}) does not match the router config ({cfg.base_model_type}, hidden "
-                f"{cfg.hidden_size}, vocab {cfg.vocab_size})")
-        paths, kinds = {}, {}
-        for name, entry in cfg.specialists.items():
-            paths[name] = resolve_entry_path(root, f"specialist {name!r}", entry["path"],
-                                             entry.get("source", "reference"))
-            kinds[name] = entry["kind"]
-            rs.check_specialist(name, paths[name], entry["kind"], base)
-        self._pool = rs.SpecialistPool(base, paths, kinds, cfg, model_kwargs)
+        self._pool, base_loc = open_specialists(self.config, root, model_kwargs)
+        base = self._pool.base
         if self.feature_mean.device.type != "meta" and self.feature_mean.device != base.device:
             self.to(base.device)
         self.tokenizer = tokenizer if tokenizer is not None else rs.find_tokenizer(root, base_loc)
@@ -400,24 +365,16 @@ class LocalistRouterModel(PreTrainedModel):
         def sub(t, idx):
             return None if t is None else t[idx]
 
-        used = d.chosen.unique().tolist()  # one specialist at a time: no need to hold them all in memory
-        if d.mode == "hard":
-            out = None
-            for m in used:
-                idx = (d.chosen[:, 0] == m).nonzero().squeeze(1)
-                lg = self._run(m, ids[idx], mask[idx], sub(pos, idx), **kwargs)
-                out = lg.new_empty((ids.shape[0],) + lg.shape[1:]) if out is None else out
-                out[idx] = lg
-            return out
-        acc = None
-        for m in used:
-            sel = d.chosen == m
-            rows = sel.any(1).nonzero().squeeze(1)
-            log_w = torch.where(sel, d.log_weights, torch.zeros_like(d.log_weights)).sum(1)[rows]
-            log_p = _upcast(self._run(m, ids[rows], mask[rows], sub(pos, rows), **kwargs)).log_softmax(-1)
-            acc = log_p.new_full((ids.shape[0],) + log_p.shape[1:], -torch.inf) if acc is None else acc
-            acc = acc.index_copy(0, rows, torch.logaddexp(acc[rows], log_w[:, None, None] + log_p))
-        return acc
+        if d.mode != "hard":
+            return mixture_log_probs(d.chosen, d.log_weights,
+                                     lambda m, rows: self._run(m, ids[rows], mask[rows], sub(pos, rows), **kwargs))
+        out = None
+        for m in d.chosen[:, 0].unique().tolist():  # one specialist at a time: no need to hold them all in memory
+            idx = (d.chosen[:, 0] == m).nonzero().squeeze(1)
+            lg = self._run(m, ids[idx], mask[idx], sub(pos, idx), **kwargs)
+            out = lg.new_empty((ids.shape[0],) + lg.shape[1:]) if out is None else out
+            out[idx] = lg
+        return out
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -425,28 +382,34 @@ class LocalistRouterModel(PreTrainedModel):
                  routing: str | None = None, routing_k: int | None = None, route_to: Any = None,
                  router_probs: torch.Tensor | None = None, return_dict_in_generate: bool = False,
                  confidence_threshold: float | None = None, **gen_kwargs: Any):
-        """Route once on the prompt, then decode with the KV cache (right-padded prompts are moved to left padding
-        first, so the returned prompts are left-padded). hard: each group of inputs
-        runs its specialist's own ``generate``; soft / top_k: a mixture loop with one cache per specialist.
-        hard routing passes every transformers generation argument (``generation_config=``, ``repetition_penalty``,
-        logits processors, stopping criteria, ...) to each specialist's own ``generate``; the mixture loop takes
-        ``generation_config=`` and ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-        ``eos_token_id``, ``pad_token_id``, ``repetition_penalty``. Returns the sequences (B, prompt + new), or a
-        LocalistRouterGenerateOutput."""
+        """Route once on the prompt, then decode in transformers' own ``generate`` (right-padded prompts are moved
+        to left padding first, so the returned prompts are left-padded). hard: each group of inputs runs its
+        specialist's own ``generate``; soft / top_k: ``generate`` on the mixture of the routed specialists (one KV
+        cache each; the mixture's log-probabilities are the logits that transformers' processors see). Takes
+        ``generation_config=`` and transformers' generation arguments (``max_new_tokens``, ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``no_repeat_ngram_size``, ``num_beams``,
+        ``eos_token_id``, ``logits_processor``, ``stopping_criteria``, ``streamer``, ...); defaults: greedy, 20 new
+        tokens, the base's special tokens. A mixture refuses a cache object, a static ``cache_implementation`` and
+        model arguments; every mode ``output_attentions`` / ``output_hidden_states`` (LocalistConfigError naming
+        them). Returns the sequences (B * returned sequences per input, prompt + new), or a
+        LocalistRouterGenerateOutput (with ``scores`` / ``logits`` when asked for)."""
         mode = "hard" if route_to is not None else self._mode(routing, routing_k)[0]
-        opts = generation_options(mode, self._pool.base, gen_kwargs)
+        call = prepare_generation(mode, self._pool.base, gen_kwargs, return_dict_in_generate)
         ids, mask = to_left_padding(*self._prepare(input_ids, attention_mask, None)[:2])  # returned left-padded
         ids, mask, pos = self._prepare(ids, mask, None)  # positions of the left-padded layout
         d = self.route(ids, mask, routing=routing, routing_k=routing_k, route_to=route_to, router_probs=router_probs,
                        position_ids=pos, confidence_threshold=confidence_threshold)
         used = d.chosen.unique().tolist()
         with self._pool.pinned([self.specialist_names[m] for m in used if m != BASE]):
-            generate = generate_hard if d.mode == "hard" else generate_mixture
-            seqs = generate(self._specialist_at, d, ids, mask, pos, opts)
-        if return_dict_in_generate:
-            return LocalistRouterGenerateOutput(sequences=seqs, router_probs=d.router_probs, chosen=d.chosen,
-                                                domain_entropy=d.domain_entropy)
-        return seqs
+            if d.mode == "hard":
+                out = generate_hard(self._specialist_at, d, ids, mask, call)
+            else:
+                out = generate_mixture(self._specialist_at, d, ids, mask, call, self._pool.base,
+                                       self.config.vocab_size)
+        if call.config.return_dict_in_generate:
+            return LocalistRouterGenerateOutput(sequences=out.sequences, router_probs=d.router_probs, chosen=d.chosen,
+                                                domain_entropy=d.domain_entropy, scores=out.scores, logits=out.logits)
+        return out.sequences
 
     # ------------------------------------------------------------------ fitting and recruitment
     def fit_router(self, dataset: Any, **kwargs: Any) -> dict[str, Any]:
@@ -490,13 +453,6 @@ class LocalistRouterModel(PreTrainedModel):
         return rs.push_router(self, repo_id, private=private, token=token, commit_message=commit_message,
                               create_pr=create_pr, revision=revision, push_base=push_base,
                               specialist_repo=specialist_repo)
-
-
-def _read_model_config(loc: str, what: str):
-    try:
-        return AutoConfig.from_pretrained(loc)
-    except Exception as e:  # noqa: BLE001
-        raise LocalistLoadError(f"{what}: cannot read the model config of {loc!r} ({type(e).__name__}: {e})") from e
 
 
 try:

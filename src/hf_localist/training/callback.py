@@ -3,9 +3,11 @@
 ``LocalistCallback`` works with any ``Trainer`` (also TRL's ``SFTTrainer``):
 
 - ``penalty='prox'``: after every optimizer step (``on_optimizer_step``, where the learning rate just used is
-  still in ``optimizer.param_groups``) it applies the proximal step, which makes whole groups exactly zero;
-- every ``log_every`` steps it measures, on a fixed diagnostics batch (the first training batch), the group-norm
-  statistics, the number of zero groups, the KKT ratios ``||grad_g L_data|| / lambda_g`` of the zero groups
+  still in ``optimizer.param_groups``) it applies the proximal step, which makes whole groups exactly zero, with the
+  optimizer's own per-coordinate step (AdamW, SGD; ``training/precondition.py``);
+- every ``log_every`` steps it measures, on a fixed diagnostics batch (the first training batch), the penalty
+  (``localist/penalty``, the group-lasso sum at the current weights; the logged ``loss`` stays the data loss), the
+  group-norm statistics, the number of zero groups, the KKT ratios ``||grad_g L_data|| / lambda_g`` of the zero groups
   (one extra forward/backward of the data loss alone, unclipped), and mean ``H_t``, ``PF_t``, ``BM_t``; the
   values go into the Trainer's logs (``localist/...`` keys), so TensorBoard, W&B and the progress bar show them;
 - its counters are an ``ExportableState``: they survive ``resume_from_checkpoint`` when
@@ -24,7 +26,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..errors import LocalistConfigError, LocalistStateError
-from .penalty import group_norms, kkt_ratios, penalty_weights, prox_step
+from ..patch.adapters import bind_wrapper
+from .penalty import group_norms, kkt_ratios, penalty, penalty_weights, prox_step
 
 
 def localist_handle_of(model) -> Any:
@@ -81,7 +84,13 @@ class LocalistCallback(TrainerCallback, ExportableState):
         }
 
     # ------------------------------------------------------------------ hooks
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # A peft model: its save_pretrained (Trainer.save_model, checkpoints) writes the localist files next to the
+        # adapter (patch/adapters.py). Again at train begin, for a callback added after the Trainer was built.
+        bind_wrapper(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        bind_wrapper(model)
         # LocalistTrainer built with a fractional logging_steps (a ratio of the total steps): use the step count the
         # Trainer derived from it, known only now (state.logging_steps), instead of measuring at every step.
         if getattr(self, "_follow_logging_steps", False) and state.logging_steps:
@@ -92,7 +101,7 @@ class LocalistCallback(TrainerCallback, ExportableState):
         if handle.config.penalty != "prox":
             return
         lr = float(optimizer.param_groups[0]["lr"])
-        prox_step(handle, lr)
+        prox_step(handle, lr, optimizer=optimizer)
         self.prox_steps += 1
 
     def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
@@ -117,6 +126,7 @@ class LocalistCallback(TrainerCallback, ExportableState):
             with torch.no_grad():
                 norms = group_norms(handle)
                 lam = penalty_weights(handle)
+                out["localist/penalty"] = float(penalty(handle, norms))
             pen_q = lam > 0
             q = norms.q.detach().cpu()[pen_q]
             if q.numel():

@@ -8,7 +8,15 @@ is what makes whole groups exactly zero under the proximal step
     W_g <- max(0, 1 - lr * lambda / ||W_g||) * W_g,      with W_g = W U_i  (the group's coordinates),
 
 applied as ``W <- W - (1 - s) (W U_i) U_i^T`` (exact for mutually orthogonal subspaces). A K head read by several
-query heads carries the sum of their lambdas (the same norm appears once per such head in the penalty).
+query heads carries the sum of their lambdas (the same norm appears once per such head in the penalty). Given the
+optimizer, ``lr`` becomes the optimizer's own step on the group (``training/precondition.py``: Adam's ``lr / (sqrt(
+v_hat) + eps)``, averaged over the group), so that zeros appear and stay under AdamW where the threshold says.
+
+Adapters (peft LoRA): norms and the loss-mode penalty read the effective weights ``W_0 + delta`` (``arch/qk.py``), so
+the penalty's gradient reaches the adapter factors only and the frozen base stays bit-identical. The proximal step
+writes weights, and an adapter delta ``scaling * B A`` of rank r cannot in general make a group of ``W_0 + B A``
+exactly zero: ``penalty='prox'`` refuses frozen Q/K weights (use ``penalty='loss'`` with adapters, or train the Q/K
+projections themselves, e.g. peft ``modules_to_save``).
 
 Sharded parameters (FSDP2, DTensor) are read whole (``qk.qk_head_weights`` all-gathers them), so every norm is the
 norm of the full group; the proximal step shrinks the full weight and each rank writes its shard back.
@@ -22,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch.qk import head_counts, kv_head_of, qk_head_weights, write_back
-from ..errors import LocalistError
+from ..arch.qk import active_adapters, head_counts, kv_head_of, projection_module, qk_head_weights, write_back
+from ..errors import LocalistConfigError, LocalistError
 from ..patch.forward import register_output_hook
+from .precondition import group_step, step_scale
 from .subspaces import head_blocks, layer_subspaces
 
 
@@ -85,11 +94,14 @@ def _unproject(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def group_norms(handle) -> GroupNorms:
-    """Frobenius norms of every (layer, head, block) group of Q and K, differentiable w.r.t. the weights."""
+    """Frobenius norms of every (layer, head, block) group of Q and K, differentiable w.r.t. the weights.
+
+    With peft adapters on the projections, the groups of the effective weights ``W_0 + delta`` (differentiable with
+    respect to the adapter factors; the frozen base gets no gradient)."""
     subspaces = layer_subspaces(handle)
     qs, ks = [], []
     for layer in range(len(handle.attention_modules)):
-        wq, wk = qk_head_weights(handle, layer)
+        wq, wk = qk_head_weights(handle, layer, effective=True)
         u = subspaces[layer].to(wq.device)
         qs.append(torch.linalg.vector_norm(_project(wq, u), dim=(-2, -1)))
         ks.append(torch.linalg.vector_norm(_project(wk, u), dim=(-2, -1)))
@@ -145,34 +157,88 @@ class ProxStats:
         return int(self.penalised_q.sum() + self.penalised_k.sum())
 
 
-def _shrink(w: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, lr: float) -> torch.Tensor:
-    """In place: W_g <- max(0, 1 - lr * lam / ||W_g||) W_g for every (head, block); returns the zero mask."""
+def _shrink(w: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+    """In place: W_g <- max(0, 1 - eta * lam / ||W_g||) W_g for every (head, block); returns the zero mask.
+
+    ``eta``: the step size, (heads, n) or broadcastable ((1, 1) for a plain ``lr``)."""
     g = _project(w, u)  # (heads, n, D, r)
     norm = torch.linalg.vector_norm(g, dim=(-2, -1))  # (heads, n)
     lam = lam.to(w.device, torch.float32)
-    scale = torch.where(lam > 0, torch.clamp(1 - lr * lam / norm.float().clamp_min(1e-30), min=0.0),
+    eta = eta.to(w.device, torch.float32)
+    scale = torch.where(lam > 0, torch.clamp(1 - eta * lam / norm.float().clamp_min(1e-30), min=0.0),
                         torch.ones_like(lam))
     removed = (1 - scale).to(w.dtype)[..., None, None] * g  # the part of each group the step removes
     w.sub_(_unproject(removed, u))
     return (scale == 0) & (lam > 0)
 
 
+def _frozen_parts(handle, lam: torch.Tensor, lam_k: torch.Tensor) -> set:
+    """``{(layer, "q" | "k")}`` whose weight the proximal step must not write (frozen, or under a peft adapter).
+
+    Refuses (``LocalistConfigError``, before anything is written) when such a weight has a penalised group that is
+    not zero: the step would change a weight that training does not (and that an adapter save does not keep). A
+    frozen weight whose penalised groups are all zero already (content-blind Q/K frozen at zero) needs no step.
+    """
+    spec = handle.spec
+    frozen: set = set()
+    norms = None
+    for layer, module in enumerate(handle.attention_modules):
+        names = {"q": spec.q_proj, "k": spec.k_proj or spec.q_proj}  # fused layouts: K lives in q_proj's weight
+        for part, name in names.items():
+            proj = getattr(module, name)
+            adapters = active_adapters(proj)
+            if not adapters and projection_module(module, name).weight.requires_grad:
+                continue
+            frozen.add((layer, part))
+            norms = norms if norms is not None else group_norms(handle)
+            values, weights = (norms.q, lam) if part == "q" else (norms.k, lam_k)
+            if bool(((values[layer].cpu() > 0) & (weights[layer] > 0)).any()):
+                raise LocalistConfigError(
+                    f"LocalistConfig.penalty='prox': layer {layer} {name}.weight is frozen"
+                    f"{' (peft adapter ' + repr(adapters) + ' on it)' if adapters else ''}; the proximal step would "
+                    "change weights that training does not (and that an adapter save does not keep). With adapters "
+                    "use penalty='loss' (it acts on base + adapter delta and trains only the adapter), or train the "
+                    "Q/K projections themselves (peft modules_to_save)"
+                )
+    return frozen
+
+
 @torch.no_grad()
-def prox_step(handle, lr: float) -> ProxStats:
-    """One proximal step with step size ``lr`` (the learning rate the optimizer just used)."""
-    if not lr >= 0:
-        raise LocalistError(f"prox_step: lr={lr!r} must be a number >= 0")
+def prox_step(handle, lr: float | None = None, optimizer=None) -> ProxStats:
+    """One proximal step after an optimizer step.
+
+    ``optimizer``: the optimizer that just stepped; the shrink then uses its per-coordinate step
+    (``training/precondition.py``; the Adam family and SGD, else ``LocalistConfigError``), and each weight's own
+    group learning rate. Without it (or with ``LocalistConfig.prox_preconditioner='none'``), the plain step size
+    ``lr``. Only trainable Q/K weights are written; a frozen one with a non-zero penalised group is refused
+    (``LocalistConfigError``), before anything is written.
+    """
+    precondition = optimizer is not None and handle.config.prox_preconditioner != "none"
+    if not precondition and (lr is None or not lr >= 0):
+        raise LocalistError(f"prox_step: lr={lr!r} must be a number >= 0 (or pass the optimizer)")
     lam = penalty_weights(handle)
     _, h_kv, _ = head_counts(handle)
     lam_k = _k_weights(handle, lam)
+    frozen = _frozen_parts(handle, lam, lam_k)
+    pick = step_scale(optimizer) if precondition else None
+    plain = torch.full((1, 1), float(lr)) if lr is not None else None
     subspaces = layer_subspaces(handle)
     zq, zk = [], []
     for layer in range(len(handle.attention_modules)):
         gathered: dict = {}  # sharded (FSDP2) weights: shrink the full weight, then write each rank's shard back
         wq, wk = qk_head_weights(handle, layer, gathered=gathered)
         u = subspaces[layer].to(wq.device)
-        zq.append(_shrink(wq, u, lam[layer], lr))
-        zk.append(_shrink(wk, u, lam_k[layer], lr))
+        if pick is not None:
+            sq, sk = qk_head_weights(handle, layer, pick=pick)  # (H, D, E) / (H_kv, D, E) per-coordinate steps
+            eta_q, eta_k = group_step(sq, u), group_step(sk, u)  # (H, n), (H_kv, n)
+        else:
+            eta_q = eta_k = plain
+        for part, w, weights, eta, zeros in (("q", wq, lam[layer], eta_q, zq), ("k", wk, lam_k[layer], eta_k, zk)):
+            if (layer, part) in frozen:  # all its penalised groups are zero already (checked): nothing to write
+                norm = torch.linalg.vector_norm(_project(w, u), dim=(-2, -1)).cpu()
+                zeros.append((norm == 0) & (weights > 0))
+            else:
+                zeros.append(_shrink(w, u, weights, eta))
         write_back(gathered)
     stats = ProxStats(zero_q=torch.stack(zq).cpu(), zero_k=torch.stack(zk).cpu(), penalised_q=lam > 0,
                       penalised_k=lam_k > 0)
@@ -243,8 +309,13 @@ def _with_localist_loss(out, value: torch.Tensor):
 
 
 def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in_batch):
-    """Loss mode: ``outputs.loss += coef * penalty * share``; ``outputs.localist_loss = penalty``. Returns the output
-    (a subclass instance of the model's output class that declares ``localist_loss``; see ``_with_localist_loss``).
+    """Loss mode: the gradient of ``outputs.loss`` becomes that of ``data loss + coef * penalty * share`` while its
+    value stays the data loss; ``outputs.localist_loss = penalty``. Returns the output (a subclass instance of the
+    model's output class that declares ``localist_loss``; see ``_with_localist_loss``).
+
+    ``loss = data + (term - term.detach())``: the bracket is exactly 0.0 in value, so every Trainer (TRL's too) logs
+    the data loss, and it carries the penalty's gradient, so every Trainer optimises the penalised objective. The
+    penalty itself is logged as ``localist/penalty`` by ``LocalistCallback``.
 
     ``share`` keeps the total right under gradient accumulation. When the Trainer passes ``num_items_in_batch``
     (token-normalised loss, summed over micro-batches without dividing by the accumulation steps), each micro-batch
@@ -266,7 +337,8 @@ def add_penalty_to_output(handle, out, labels: torch.Tensor | None, num_items_in
         total = (num_items_in_batch.to(pen.device) if isinstance(num_items_in_batch, torch.Tensor)
                  else num_items_in_batch)
         share = n_micro.to(pen.device).float() / total
-    out["loss"] = out["loss"] + cfg.localist_loss_coef * pen * share
+    term = cfg.localist_loss_coef * pen * share
+    out["loss"] = out["loss"] + (term - term.detach()).to(out["loss"].dtype)
     return _with_localist_loss(out, pen.detach())
 
 
