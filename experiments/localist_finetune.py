@@ -243,6 +243,7 @@ def run_arm(arm: str, model_dir: str, tok, data: dict, s: Settings, seed: int) -
                     "version of hf_localist (it reads the frozen base Q/K weights), so the arm would train without "
                     "it", "fields": info["fields"]}
         info["penalty_start"] = float(start.detach())
+        info["penalty_lambda"] = s.penalty_lambda
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     with tempfile.TemporaryDirectory() as tmp, C.Timer() as timer:
         args = TrainingArguments(
@@ -439,12 +440,34 @@ def reading(res: dict) -> list[str]:
         out.append("- Gradient norms before clipping (seed " + str(res["seeds"][0]) + "): " + ", ".join(
             f"{a} median {statistics.median(g):.2f}, max {max(g):.1f}, {sum(x > 10 for x in g)} of {len(g)} steps "
             "above 10" for a, g in grads.items()) + ".")
+    lasso = runs.get("lasso")
+    if lasso and lasso["status"] == "trained":
+        out.append(lasso_line(lasso, ratio.get("lasso"), ratio.get("uniform")))
+    for old in res.get("replaced", []):
+        r = old["run"]
+        if r["status"] == "trained" and old["arm"] == "lasso":
+            ppl = r["evals"][OWN["lasso"]]["perplexity"]["all"]
+            out.append(f"- An earlier lasso run (seed {old['seed']}) with "
+                       f"{lasso_line(r, ppl / ref, ratio.get('uniform'))[2:]}")
     if "lasso" in res["arms"] and c.get("lasso") is None:
         out.append("- The group-lasso arm is pending: " + res["runs"][str(res["seeds"][0])]["lasso"]["reason"] + ".")
     out.append(f"- Limits: {len(res['seeds'])} seed(s), {res['settings']['steps']} LoRA steps of "
                f"{res['settings']['batch']} sequences, {res['data']['eval_tokens']} held-out tokens; the ratios "
                "describe this setup, not the method in general.")
     return out
+
+
+def lasso_line(run: dict, ratio: float | None, uniform: float | None) -> str:
+    """What the group lasso did: the penalty before and after training, the group norms, the perplexity."""
+    start, end = run["penalty_start"], run["penalty_end"]
+    last = run["train_locality"][-1] if run["train_locality"] else {}
+    norms = (f"; mean norm of the penalised Q groups {last['localist/group_norm_mean']:.2f} against "
+             f"{last['localist/own_group_norm_mean']:.2f} for own-block groups"
+             if "localist/group_norm_mean" in last and "localist/own_group_norm_mean" in last else "")
+    than = f" (uniform without penalty: {uniform:.3f}x)" if uniform else ""
+    return (f"- Group lasso, `penalty_lambda={run['penalty_lambda']:g}`: the penalty went from {start:.4g} to "
+            f"{end:.4g} ({100 * (end - start) / start:+.2f}%){norms}; held-out {_f(ratio)}x the dense fine-tune"
+            f"{than}.")
 
 
 def markdown(res: dict) -> str:
@@ -592,8 +615,13 @@ def main(argv=None) -> dict:
     return res
 
 
+#: Settings that only the named arm uses: a --merge that reruns that arm may change them (the run records them).
+ARM_ONLY = {"lasso": ("penalty_lambda", "calib_batches")}
+
+
 def merge_target(out: Path, s: Settings, args, seeds: list[int]) -> dict:
-    """The results.json to add arms to: it must hold every seed's run with the same settings and layout."""
+    """The results.json to add arms to: it must hold every seed's run with the same settings and layout (except
+    the settings only a rerun arm uses, ``ARM_ONLY``; a replaced run is kept under ``replaced``)."""
     import json
 
     from hf_localist import LocalistConfigError
@@ -602,12 +630,22 @@ def merge_target(out: Path, s: Settings, args, seeds: list[int]) -> dict:
     if not path.exists():
         raise LocalistConfigError(f"--merge: no {path}; run the other arms first (without --merge)")
     res = json.loads(path.read_text())
-    mine = {"settings": asdict(s), "layout": args.layout, "seeds": seeds, "quick": args.quick}
+    free = {f for arm in args.arms for f in ARM_ONLY.get(arm, ())}
+    mine = {"settings": {k: v for k, v in asdict(s).items() if k not in free}, "layout": args.layout,
+            "seeds": seeds, "quick": args.quick}
     theirs = {k: res.get(k) for k in mine}
+    theirs["settings"] = {k: v for k, v in (theirs["settings"] or {}).items() if k not in free}
     if mine != theirs:
         diff = {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]}
         raise LocalistConfigError(f"--merge: {path} was run with other settings (theirs, yours): {diff}; pass the "
                                   "same flags as that run, or drop --merge to start a new results.json")
+    for seed in seeds:
+        for arm in args.arms:
+            old = res["runs"].get(str(seed), {}).get(arm)
+            if old is not None:
+                res.setdefault("replaced", []).append({"seed": seed, "arm": arm, "settings": dict(res["settings"]),
+                                                       "run": old})
+    res["settings"] = asdict(s)
     return res
 
 
