@@ -525,14 +525,17 @@ def markdown(res: dict) -> str:
         f"{2 * s['lora_r']}, on `{s['lora_targets']}`) trained with `LocalistTrainer` (AdamW, lr {s['lr']:g}, "
         f"{s['warmup']} warm-up steps then linear decay, {s['steps']} steps of {s['batch']} sequences, clip 1.0), "
         "the same adapter initialisation and batch order in every arm. A sequence is " + data + f", at most "
-        f"{s['passage_tokens']} tokens each, `block_assignment=\"explicit\"`. Held out: "
+        f"{s['passage_tokens']} tokens each (texts stripped of leading and trailing blanks), "
+        "`block_assignment=\"explicit\"`. Held out: "
         f"{res['data']['eval_sequences']} sequences from texts disjoint from the training texts "
         f"({res['data']['eval_tokens']} scored tokens: every "
         "passage token but the first). Arms: *dense* (dial 0 in training, evaluated at dial 0: the reference); "
         "*uniform* (dial 1 on every layer, `block_positions=\"restart\"`); *progressive* (dial 1, "
         f"`schedule=\"progressive\"`, beta = {s['beta']:g}, `block_positions=\"{s['progressive_positions']}\"`: "
-        "restart below alpha_l = 1 is harmful, docs/real-models.md; only the last layer is at alpha_l = 1); *lasso* "
-        f"(uniform + `penalty=\"loss\"`, `penalty_lambda={s['penalty_lambda']:g}`, PCA block subspaces). BM/PF: "
+        "restart below alpha_l = 1 is harmful, docs/real-models.md; alpha_l = ((l + 1) / 30)^beta, only the last "
+        "layer is at 1); *lasso* (uniform + `penalty=\"loss\"` on the effective Q/K weights, "
+        f"`penalty_lambda={s['penalty_lambda']:g}`, PCA block subspaces from `calibrate_subspaces` on "
+        f"{s['calib_batches']} training batches, `general_head_fraction` 0.25). BM/PF: "
         "`handle.record()` on the held-out forward (sink excluded); \"BM mean\" over the layers whose dial is > 0.",
         "", table_md(res), "",
         "Every fine-tune at every evaluation setting (perplexity; rows: how it was trained):", "", cross_md(res), "",
