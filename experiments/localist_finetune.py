@@ -425,6 +425,15 @@ def reading(res: dict) -> list[str]:
         out.append(f"- Best localist arm: **{best}, {local[best]:.3f}x** the dense fine-tune ({verdict} the 1.2x goal; "
                    "the papers' anchor is 1.89x for their best schedule, GPT-2 on one book). All arms: "
                    + ", ".join(f"{a} {r:.3f}x" for a, r in sorted(local.items(), key=lambda x: x[1])) + ".")
+        full = {a: r for a, r in local.items() if c[a][OWN[a]]["bm_min"] >= 0.999}
+        partial = [a for a in local if a not in full]
+        if best in partial and full:
+            top = min(full, key=full.get)
+            out.append(f"- Block mass 1 in every layer: **{top}, {full[top]:.3f}x**. "
+                       + ", ".join(f"{a} reaches block mass 1 only in its last layer (mean "
+                                   f"{c[a][OWN[a]]['bm_local_mean']:.3f} over the layers with a dial > 0)"
+                                   for a in partial)
+                       + ": its early layers still read the other blocks, which is why it is cheaper.")
     if "uniform" in local:
         u = c["uniform"]["uniform dial 1"]
         out.append(f"- The uniform arm is fully local where it is measured: block mass {u['bm_min']:.3f} in the "
@@ -442,8 +451,16 @@ def reading(res: dict) -> list[str]:
             + ("it, i.e. nothing: the passages are unrelated documents, so the other blocks carry no information "
                "the model can use, and locality costs nothing. " if worth < 2 else
                "it: the blocks are parts of one text, and locality cuts context the model uses. ")
-            + f"The pretrained model reads each passage alone at {alone:.2f} against {p0:.2f} at dial 0 "
-            f"({100 * (alone / p0 - 1):+.1f}%).")
+            + f"To the pretrained model they are worth {100 * (alone / p0 - 1):+.1f}% (each passage alone "
+            f"{alone:.2f}, at dial 0 {p0:.2f})"
+            + (": fine-tuning puts part of what the context gave into the weights." if alone / p0 > d1 / d0 + 0.02
+               else ("; unrelated text is noise to it." if alone < p0 else ".")))
+        if "uniform" in local:
+            u = res["runs"][str(res["seeds"][0])]["uniform"]["evals"][OWN["uniform"]]["perplexity"]
+            dd = res["runs"][str(res["seeds"][0])]["dense"]["evals"]["dial 0"]["perplexity"]
+            kind = "source" if res["layout"] == "mixed" else "position in the sequence"
+            out.append(f"- Per {kind}, uniform / dense (seed {res['seeds'][0]}): "
+                       + ", ".join(f"{k} {u[k] / dd[k]:.3f}x" for k in res["labels"]) + ".")
         trained = [a for a in res["arms"] if c.get(a) and a != "lasso"]  # lasso is evaluated where uniform is
         best_at = {e: min(trained, key=lambda a: c[a][e]["perplexity"]) for e in EVAL_ORDER}
         if len(trained) > 1 and all(best_at[OWN[a]] == a for a in trained):
@@ -541,7 +558,7 @@ def markdown(res: dict) -> str:
         "", table_md(res), "",
         "Every fine-tune at every evaluation setting (perplexity; rows: how it was trained):", "", cross_md(res), "",
         "Per " + ("source" if layout == "mixed" else "position in the sequence") + " (perplexity):", "",
-        labels_md(res), "", f"![{NAME}](figures/experiments/{res['name']}.png)", "", "**Reading.**", "",
+        labels_md(res), "", f"![{res['name']}](figures/experiments/{res['name']}.png)", "", "**Reading.**", "",
     ]
     lines += res["reading"]
     if pending:
