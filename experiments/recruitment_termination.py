@@ -149,7 +149,8 @@ def run_k(k: int, s: dict, seed: int, theta_block: float | None = None, theta_H:
         rc["theta_H"] = theta_H
     rc["patience"] = patience
     cfg = hl.LocalistConfig(alpha=1.0, first_local_layer=1, max_blocks=max_blocks or s["max_blocks"],
-                            block_assignment="centroid", assign_threshold=0.3, active_blocks=[])
+                            block_assignment="centroid", assign_threshold=0.3, active_blocks=[],
+                            unassigned_visible=s.get("unassigned_visible", True))
     handle = hl.apply_localist(model, cfg)
     from hf_localist.theory import p_max as p_max_bound
 
@@ -431,13 +432,18 @@ QUICK = {"ks": [2, 3], "n_train": 256, "n_held": 64, "recruit_sequences": 128, "
 
 def main(argv=None) -> dict:
     parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
+    parser.add_argument("--hide_unassigned", action="store_true", help="LocalistConfig(unassigned_visible=False): "
+                        "block queries do not see unassigned (block 0) tokens")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, help="only these K (default: the setting's list)")
     args = parser.parse_args(argv)
     _common.setup(args)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     directory = _common.out_dir(args, NAME)
-    s = QUICK if args.quick else FULL
+    s = dict(QUICK if args.quick else FULL, unassigned_visible=not args.hide_unassigned)
+    if args.ks:
+        s["ks"] = args.ks
     wall = time.perf_counter()
     runs = []
     for k in s["ks"]:

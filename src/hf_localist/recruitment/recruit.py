@@ -77,12 +77,6 @@ class PassResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _handle_of(model_or_handle):
-    if hasattr(model_or_handle, "state") and hasattr(model_or_handle, "attention_modules"):
-        return model_or_handle
-    return localist_handle_of(model_or_handle)
-
-
 def _hidden(handle) -> int:
     return input_size(handle)
 
@@ -256,7 +250,7 @@ def _no_worse(handle, snap_w, heldout, before: torch.Tensor, after: torch.Tensor
 def run_pass(handle, rcfg: RecruitmentConfig, source: BatchSource, heldout: Sequence[dict], step: int = 0,
              pass_index: int = 0) -> PassResult:
     """One pass of Algorithm 1 (see the module docstring). Changes the model only when it accepts blocks."""
-    handle = _handle_of(handle)
+    handle = localist_handle_of(handle)
     prepare(handle)
     device = next(handle.base.parameters()).device
     devices = ([device.index if device.index is not None else torch.cuda.current_device()]
@@ -419,7 +413,7 @@ def recruit(model, data: Iterable, config: RecruitmentConfig | dict | None = Non
     quarter of ``data``'s batches. ``config``: a RecruitmentConfig (default: the model's ``config.recruitment``).
     Pass ``i`` is seeded from ``(config.seed, i)``. Decisions are appended to ``log_path`` (JSON lines) if given.
     """
-    handle = _handle_of(model)
+    handle = localist_handle_of(model)
     rcfg = config if config is not None else handle.config.recruitment
     if isinstance(rcfg, dict):
         rcfg = RecruitmentConfig.from_dict(rcfg)
@@ -454,7 +448,7 @@ def recruit(model, data: Iterable, config: RecruitmentConfig | dict | None = Non
 
 def set_status(handle, *, done: bool, stop_reason: str | None, passes: int, step: int) -> None:
     """Record where block recruitment stands on the handle (saved with the model: ``localist_blocks.json``)."""
-    _handle_of(handle).state.recruitment_status = {"done": bool(done), "stop_reason": stop_reason,
+    localist_handle_of(handle).state.recruitment_status = {"done": bool(done), "stop_reason": stop_reason,
                                                    "passes": int(passes), "step": int(step)}
 
 
@@ -535,12 +529,12 @@ class RecruitmentCallback(TrainerCallback, ExportableState):
         return list(itertools.islice(eval_dataloader, self._rcfg.heldout_batches or None))
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        handle = _handle_of(model)
+        handle = localist_handle_of(model)
         if handle.config.recruitment is not None:
             prepare(handle)  # fails early on a wrong config; zero active blocks get an empty subspace tensor
 
     def on_step_end(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None, **kwargs):
-        handle = _handle_of(model)
+        handle = localist_handle_of(model)
         rcfg = handle.config.recruitment
         if rcfg is None or self.done or state.global_step == self.last_step:
             return

@@ -26,27 +26,16 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..errors import LocalistConfigError, LocalistStateError
+from ..errors import LocalistConfigError
 from ..patch.adapters import bind_wrapper
+from ..patch.persistence import handle_of
 from .penalty import group_norms, head_block_map, kkt_ratios, penalty, penalty_weights, prox_step
 
 
 def localist_handle_of(model) -> Any:
-    """The LocalistHandle of a (possibly DDP-, accelerate- or peft-wrapped) patched model."""
-    seen = model
-    for _ in range(4):
-        handle = getattr(seen, "localist_handle", None)
-        if handle is not None and hasattr(handle, "state"):
-            return handle
-        if hasattr(seen, "get_base_model"):
-            seen = seen.get_base_model()
-        elif hasattr(seen, "module"):
-            seen = seen.module
-        else:
-            break
-    raise LocalistStateError(
-        f"{type(model).__name__} is not localist: call hf_localist.apply_localist(model, config) before training"
-    )
+    """The LocalistHandle of a (possibly DDP-, accelerate- or peft-wrapped) patched model, or of a handle
+    (``patch.persistence.handle_of``)."""
+    return handle_of(model)
 
 
 def merge_pending_logs(callback, args, state, control, logs=None, **kwargs):
