@@ -1,12 +1,12 @@
 """Draw the bundled demo data: a small, class-balanced sample of AG News.
 
-Reads ``ag_news/train_sample_5k_b.csv`` from the shared data folder (default ``../shared/data`` next to this
-repository) and writes ``src/hf_localist/data/ag_news_sample.csv`` with columns ``split,label,topic,text``:
+Reads ``ag_news/train_sample_5k_b.csv`` from ``--data_dir`` (the shared data folder; ``--source`` is the same option)
+and writes ``src/hf_localist/data/ag_news_sample.csv`` with columns ``split,label,topic,text``:
 240 articles per class with ``split=train`` and 25 per class with ``split=test`` (held out), drawn with a fixed
 seed, so rerunning this script reproduces the file byte for byte.
 
-    python examples/make_demo_data.py                # default paths, seed 0
-    python examples/make_demo_data.py --source /path/to/shared/data --train 240 --test 25
+    python examples/make_demo_data.py --data_dir DATA                   # default sizes, seed 0
+    python examples/make_demo_data.py --data_dir DATA --train 240 --test 25
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def draw(source: Path, n_train: int, n_test: int, seed: int) -> list[dict[str, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data",
+    parser.add_argument("--data_dir", "--source", dest="source", type=Path, required=True,
                         help="the shared data folder holding ag_news/train_sample_5k_b.csv")
     parser.add_argument("--output", type=Path, default=REPO / "src" / "hf_localist" / "data" / "ag_news_sample.csv")
     parser.add_argument("--train", type=int, default=240, help="training articles per class")

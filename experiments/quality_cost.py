@@ -3,12 +3,12 @@
 The follow-up papers (docs/design.md, top) report that localising attention costs 6.6x the dense perplexity with a
 uniform schedule and 1.89x with their best (progressive, late-layer) schedule. We measure the same ratio on real text.
 
-Data: Tiny Shakespeare (``/work/shared/data/tinyshakespeare/input.txt``, first 90% for training, last 10% held out),
-character level. Blocks are the *speaker turns* (the text between blank lines, ``NAME:\\n...``): each turn of a
-window is one block (slots 1..8 in turn, so a slot recurs only after 8 turns), its anchor is its first character, and
-the ``[BOS]`` sink is block 0. At dial 1 a character sees only its own turn (and the sink): the dialogue context of
-earlier turns is cut, which is a real cost, unlike topic-separated AG News articles (docs/training.md: there the
-hard mask costs nothing).
+Data: Tiny Shakespeare (``tinyshakespeare/input.txt`` in ``--data_dir``, the shared data folder with the layout of
+real_dial.py; first 90% for training, last 10% held out), character level. Blocks are the *speaker turns* (the text
+between blank lines, ``NAME:\\n...``): each turn of a window is one block (slots 1..8 in turn, so a slot recurs only
+after 8 turns), its anchor is its first character, and the ``[BOS]`` sink is block 0. At dial 1 a character sees
+only its own turn (and the sink): the dialogue context of earlier turns is cut, which is a real cost, unlike
+topic-separated AG News articles (docs/training.md: there the hard mask costs nothing).
 
 Models: tiny Llamas (4 layers, hidden 64, 4 heads) trained from the same initialisation on the same batches:
 
@@ -20,7 +20,8 @@ Models: tiny Llamas (4 layers, hidden 64, 4 heads) trained from the same initial
 Each is evaluated at its own setting; the distributed model also with the dial turned up after training (no
 retraining). PF >= 0.95 needs the anchor bonus ``beta_anchor``; we sweep it at inference.
 
-Run: ``python experiments/quality_cost.py [--quick] [--write_docs]``.
+Run: ``python experiments/quality_cost.py --data_dir DATA [--quick] [--write_docs]`` (``--data_dir`` is not needed
+with ``--render``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "quality_cost"
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+SOURCE = "tinyshakespeare/input.txt"  # inside --data_dir
 N_SLOTS = 8
 
 
@@ -79,7 +80,13 @@ BETAS = (0.0, 2.0, 4.0, 8.0, 16.0)
 class Corpus:
     """Character-level Tiny Shakespeare with speaker-turn blocks."""
 
-    def __init__(self, path: Path = DATA):
+    def __init__(self, data_dir: Path):
+        from hf_localist import LocalistLoadError
+
+        path = Path(data_dir) / SOURCE
+        if not path.is_file():
+            raise LocalistLoadError(f"--data_dir {data_dir}: no {SOURCE} there ({path} is missing); pass the shared "
+                                    f"data folder that holds {SOURCE}")
         text = path.read_text(encoding="ascii")
         self.chars = sorted(set(text))
         self.stoi = {c: i + 1 for i, c in enumerate(self.chars)}  # 0 = [BOS]
@@ -252,9 +259,9 @@ def markdown(res: dict) -> str:
     lines = [
         "## Quality cost of locality (`experiments/quality_cost.py`)",
         "",
-        f"Command: `python experiments/quality_cost.py --write_docs` (seed {res['seed']}, 1 torch thread; wall time "
-        f"{res['wall_s']:.0f} s, CPU time {res.get('cpu_s', float('nan')):.0f} s, on a 2-core CPU shared with other "
-        "jobs).",
+        f"Command: `python experiments/quality_cost.py --data_dir DATA --write_docs` (seed {res['seed']}, 1 torch "
+        f"thread; wall time {res['wall_s']:.0f} s, CPU time {res.get('cpu_s', float('nan')):.0f} s, on a 2-core CPU "
+        "shared with other jobs; `DATA`: `--data_dir` (the shared data folder), as in real_dial.py).",
         "",
         "**Question.** What does full locality cost in held-out perplexity against the distributed model, and "
         "does a progressive or late-layer schedule cost less than a uniform one? (The follow-up papers report 6.6x "
@@ -367,6 +374,7 @@ def render(args, out: Path) -> dict:
 
 def main(argv=None) -> dict:
     parser = C.make_parser(NAME, "Perplexity cost of full locality, uniform vs progressive schedules", render=True)
+    parser.add_argument("--data_dir", help=f"the shared data folder (holds {SOURCE}); required unless --render")
     args = parser.parse_args(argv)
     C.setup(args)
     out = C.out_dir(args, NAME)
@@ -374,9 +382,14 @@ def main(argv=None) -> dict:
         return render(args, out)
     import time
 
+    from hf_localist import LocalistConfigError
+
+    if not args.data_dir:
+        raise LocalistConfigError(f"--data_dir is required (unless --render): the shared data folder that holds "
+                                  f"{SOURCE}")
     cpu0 = time.process_time()
     s = QUICK if args.quick else FULL
-    corpus = Corpus()
+    corpus = Corpus(Path(args.data_dir))
     val = corpus.val_windows(s.val_windows, s.seq)
     table, trained, schedules, beta_sweep = [], {}, {}, {}
     betas = (0.0, 16.0) if args.quick else BETAS
@@ -402,7 +415,7 @@ def main(argv=None) -> dict:
                     evaluate(model, handle, val, s, SETTINGS["uniform"], beta) for beta in betas]
     base = table[0]["perplexity"]
     res = {"name": NAME, "quick": args.quick, "seed": args.seed, "settings": asdict(s), "environment": C.environment(),
-           "data": {"path": str(DATA), "vocab": corpus.vocab, "val_windows": int(val[0].shape[0]),
+           "data": {"source": SOURCE, "vocab": corpus.vocab, "val_windows": int(val[0].shape[0]),
                     "val_chars": int(val[0].shape[0] * s.seq), "train_chars": len(corpus.train)},
            "baseline_perplexity": base, "table": table, "trained": trained, "schedules": schedules,
            "beta_sweep": beta_sweep, "wall_s": timer.seconds, "cpu_s": time.process_time() - cpu0}

@@ -1,7 +1,7 @@
 """Routing fidelity: hard vs soft vs top-2 routing over localist topic specialists on AG News.
 
-    python experiments/routing_fidelity.py --write_docs     # full size, a few minutes on one thread
-    python experiments/routing_fidelity.py --quick          # smoke test
+    python experiments/routing_fidelity.py --data_dir DATA --write_docs   # full size, a few minutes on one thread
+    python experiments/routing_fidelity.py --quick                        # smoke test (bundled data only)
 
 The pieces of examples/router_agnews.py (docs/router.md): a word-level tokenizer and a tiny Llama base trained on
 the 960 bundled AG News training articles of all four topics, one specialist per topic fine-tuned from the base on
@@ -10,8 +10,9 @@ specialist is *localist*: before its fine-tune it gets ``n_blocks`` centroid blo
 states at the input of layer 1, ``block_assignment='centroid'``, ``alpha=1`` on layer 1) and it is fine-tuned under
 that mask, so each specialist has its own block partition of the text.
 
-Measured on held-out articles (the bundled 100 test articles, plus up to 300 of the official AG News test split
-when ``/work/shared/data/ag_news/test.csv`` or ``--test_csv`` is there):
+Measured on held-out articles (the bundled 100 test articles, plus up to 300 of the official AG News test split from
+``ag_news/test.csv`` in ``--data_dir``, the shared data folder, or from ``--test_csv``; neither given: the bundled
+test split only):
 
 * perplexity of the base alone and of hard, soft, top-2 and oracle (true-topic) routing, overall and per topic;
   the headline rows run through ``LocalistRouterModel.forward``; the sweeps reuse each specialist's per-token
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 NAME = "routing_fidelity"
-SHARED_TEST = "/work/shared/data/ag_news/test.csv"
+OFFICIAL_TEST = "ag_news/test.csv"  # inside --data_dir
 MODE_NAMES = ("base alone", "hard", "soft", "top-2", "oracle")
 LOCALITY = ("entropy", "pointer_fidelity", "block_mass", "coverage")
 
@@ -53,6 +54,24 @@ def _example():
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def official_test_csv(args) -> tuple[str | None, str | None]:
+    """The official AG News test.csv to read (``--test_csv``, else ``ag_news/test.csv`` in ``--data_dir``) and the
+    option it came from; ``(None, None)`` when neither is given. A given file that is missing is an error."""
+    from hf_localist import LocalistLoadError
+
+    if args.test_csv:
+        path, option = args.test_csv, "--test_csv"
+    elif args.data_dir:
+        path, option = os.path.join(args.data_dir, OFFICIAL_TEST), "--data_dir"
+    else:
+        return None, None
+    if not os.path.isfile(path):
+        wanted = "an AG News test.csv" if option == "--test_csv" else f"the shared data folder holding {OFFICIAL_TEST}"
+        raise LocalistLoadError(f"{option} {getattr(args, option[2:])}: {path} does not exist; pass {wanted} (or "
+                                "leave --data_dir and --test_csv out for the bundled test split only)")
+    return path, option
 
 
 def official_test_articles(path: str, per_topic: int, seed: int):
@@ -202,10 +221,13 @@ QUICK = dict(FULL, base_steps=30, specialist_steps=10, hidden_size=64, intermedi
 
 def main(argv=None) -> dict:
     parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
-    parser.add_argument("--test_csv", default=SHARED_TEST, help="official AG News test.csv for extra held-out "
-                        "articles (skipped when missing; default %(default)s)")
+    parser.add_argument("--data_dir", default=None, help=f"the shared data folder: extra held-out articles from its "
+                        f"{OFFICIAL_TEST} (default: the bundled test split only)")
+    parser.add_argument("--test_csv", default=None, help="an official AG News test.csv for the extra held-out "
+                        f"articles (overrides --data_dir's {OFFICIAL_TEST})")
     args = parser.parse_args(argv)
     _common.setup(args)
+    test_csv, test_option = official_test_csv(args)
     import warnings
 
     import torch
@@ -228,8 +250,8 @@ def main(argv=None) -> dict:
     train_articles = ex._subset(load_articles("train"), s.train_articles, args.seed)
     test_articles = load_articles("test")
     test_sources = {"bundled test split": len(test_articles)}
-    if s.official_test_per_topic and args.test_csv and os.path.exists(args.test_csv):
-        extra = official_test_articles(args.test_csv, s.official_test_per_topic, args.seed)
+    if s.official_test_per_topic and test_csv:
+        extra = official_test_articles(test_csv, s.official_test_per_topic, args.seed)
         test_articles = test_articles + extra
         test_sources["official AG News test split (sampled)"] = len(extra)
     tokenizer = build_tokenizer([a.text for a in load_articles("train")])
@@ -389,6 +411,7 @@ def main(argv=None) -> dict:
     results = {
         "name": NAME, "quick": args.quick, "seed": args.seed, "settings": vars(s),
         "data": {"train_articles": len(train_enc), "test_articles": len(test_enc), "test_sources": test_sources,
+                 "official_test_option": test_option if len(test_sources) > 1 else None,
                  "vocab_size": len(tokenizer), "unk_share_test": unk, "topic_keys": list(TOPICS),
                  "topics": [TOPIC_TITLES[t] for t in TOPICS]},
         "base_parameters": sum(p.numel() for p in base.parameters()), "assign_thresholds": thresholds,
@@ -515,12 +538,17 @@ def markdown(r: dict) -> str:
     s = r["settings"]
     env = r["environment"]
     srcs = ", ".join(f"{n} from the {k}" for k, n in r["data"]["test_sources"].items())
+    option = r["data"].get("official_test_option")
+    option_arg = {"--data_dir": " --data_dir DATA", "--test_csv": " --test_csv TEST_CSV"}.get(option, "")
+    where = {"--data_dir": f"read from `{OFFICIAL_TEST}` in `--data_dir` (the shared data folder)",
+             "--test_csv": "read from `--test_csv` (the official AG News test.csv)"}.get(
+        option, "no `--data_dir`: the bundled test split only")
     lines = [
         "## Routing fidelity: hard, soft and top-2 routing over localist specialists",
         "",
-        f"Command: `python experiments/{NAME}.py --write_docs` (seed {r['seed']}; {r['wall_time_s']:.0f} s wall on "
-        f"{env['torch_threads']} torch thread(s) of a shared {env['cpu_count']}-core CPU machine; torch "
-        f"{env['torch']}).",
+        f"Command: `python experiments/{NAME}.py{option_arg} --write_docs` (seed {r['seed']}; "
+        f"{r['wall_time_s']:.0f} s wall on {env['torch_threads']} torch thread(s) of a shared {env['cpu_count']}-core "
+        f"CPU machine; torch {env['torch']}).",
         "",
         f"**Setup.** As `examples/router_agnews.py` (docs/router.md): a word-level tokenizer "
         f"({r['data']['vocab_size']} words) and a tiny Llama (hidden {s['hidden_size']}, {s['num_layers']} layers) "
@@ -534,8 +562,7 @@ def markdown(r: dict) -> str:
         + ", ".join(f"{t} {r['assign_thresholds'][t]:.2f}" for t in r["data"]["topic_keys"])
         + "), fine-tuned under that mask; the router's loaded "
         "copies get the same blocks (their logits are checked against the trained models). Held-out: "
-        f"{r['data']['test_articles']} articles ({srcs}, read from `--test_csv`, default `{SHARED_TEST}`, when that "
-        f"file exists; `[BOS]` + first {s['max_article_tokens']} words; "
+        f"{r['data']['test_articles']} articles ({srcs}; {where}; `[BOS]` + first {s['max_article_tokens']} words; "
         f"{r['data']['unk_share_test']:.1%} of their tokens are `[UNK]`).",
         "",
         "| routing | perplexity | × base | routing accuracy | weight on true topic | attribution | "

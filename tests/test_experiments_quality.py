@@ -2,11 +2,14 @@
 
 Each runs its ``--quick`` mode in a temporary ``--out_dir`` (never ``--write_docs``: tests do not touch docs/) and
 checks the fields of ``results.json``, that the claims the docs make hold at the quick size, and that every figure
-is a valid PNG.
+is a valid PNG. quality_cost.py reads ``tinyshakespeare/input.txt`` from ``--data_dir`` (the shared data folder):
+here a stand-in dialogue built from the AG News sample bundled with the package, so the tests need nothing outside
+the repository.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -14,13 +17,36 @@ from pathlib import Path
 import pytest
 from helpers import PNG_MAGIC, ROOT, load_script
 
+from hf_localist import LocalistConfigError, LocalistLoadError
 
-def _run(name: str, tmp_path: Path) -> tuple[dict, Path]:
+SAMPLE = Path(ROOT) / "src" / "hf_localist" / "data" / "ag_news_sample.csv"
+SPEAKERS = ("FIRST CITIZEN", "MENENIUS", "CORIOLANUS", "VOLUMNIA", "SICINIUS", "BRUTUS", "COMINIUS", "VIRGILIA",
+            "LARTIUS")
+
+
+def shakespeare_stand_in(root: Path) -> Path:
+    """``root/tinyshakespeare/input.txt``: a dialogue in Tiny Shakespeare's format (``NAME:`` then 1-3 lines of
+    about 9 words, turns separated by a blank line), ASCII, cut from the bundled AG News sample; returns ``root``."""
+    with open(SAMPLE, newline="", encoding="utf-8") as fh:
+        text = " ".join(r["text"] for r in csv.DictReader(fh))
+    words = text.encode("ascii", "ignore").decode().split()
+    turns, i = [], 0
+    while i < len(words) and len(turns) < 700:
+        n_lines = 1 + len(turns) % 3
+        lines = [" ".join(words[i + 9 * j: i + 9 * (j + 1)]) for j in range(n_lines)]
+        i += 9 * n_lines
+        turns.append(f"{SPEAKERS[(len(turns) * 5) % len(SPEAKERS)]}:\n" + "\n".join(lines) + "\n")
+    (root / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
+    (root / "tinyshakespeare" / "input.txt").write_text("\n".join(turns), encoding="ascii")
+    return root
+
+
+def _run(name: str, tmp_path: Path, *extra: str) -> tuple[dict, Path]:
     module = load_script(f"experiments/{name}.py", f"_experiment_{name}")
     out = tmp_path / name
     docs_page = Path(ROOT) / "docs" / "experiments.md"
     before = docs_page.read_bytes() if docs_page.exists() else None
-    module.main(["--quick", "--out_dir", str(out), "--threads", "1"])
+    module.main(["--quick", "--out_dir", str(out), "--threads", "1", *extra])
     after = docs_page.read_bytes() if docs_page.exists() else None
     assert before == after, "a --quick run without --write_docs must not modify docs/experiments.md"
     res = json.loads((out / "results.json").read_text())
@@ -105,7 +131,9 @@ def test_threshold_quick(tmp_path):
 
 @pytest.mark.slow
 def test_quality_cost_quick(tmp_path):
-    res, _ = _run("quality_cost", tmp_path)
+    data_dir = shakespeare_stand_in(tmp_path / "shared_data")
+    res, _ = _run("quality_cost", tmp_path, "--data_dir", str(data_dir))
+    assert res["data"]["source"] == "tinyshakespeare/input.txt"
     table = res["table"]
     by = {(r["model"], r["evaluated"]): r for r in table}
     base = by[("distributed", "dial 0")]
@@ -128,3 +156,11 @@ def test_quality_cost_quick(tmp_path):
         pf = [r["pf_last"] for r in sweep]
         assert pf[-1] > pf[0] + 0.3
     assert set(res["ratios"]) and res["reading"]
+
+
+def test_quality_cost_needs_its_data(tmp_path):
+    module = load_script("experiments/quality_cost.py", "_experiment_quality_cost")
+    with pytest.raises(LocalistConfigError, match="--data_dir is required"):
+        module.main(["--quick", "--out_dir", str(tmp_path / "out")])
+    with pytest.raises(LocalistLoadError, match="tinyshakespeare/input.txt"):
+        module.main(["--quick", "--out_dir", str(tmp_path / "out"), "--data_dir", str(tmp_path / "nowhere")])

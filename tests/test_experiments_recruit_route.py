@@ -1,6 +1,7 @@
 """The recruitment-termination and routing-fidelity experiments run end to end (``--quick``) and write sane results.
 
 Each runs in a temporary ``--out_dir`` without ``--write_docs`` (docs/experiments.md is never touched here).
+routing_fidelity.py runs on the bundled test split only (no ``--data_dir``, so no official AG News test articles).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 
 import pytest
 from helpers import PNG_MAGIC, load_script
+
+from hf_localist import LocalistLoadError
 
 
 def _load(name: str):
@@ -61,6 +64,8 @@ def test_recruitment_termination_quick(tmp_path):
 def test_routing_fidelity_quick(tmp_path):
     results = _load("routing_fidelity").main(["--quick", "--out_dir", str(tmp_path)])
     r = _check_outputs(tmp_path, results)
+    assert r["data"]["test_sources"] == {"bundled test split": r["data"]["test_articles"]}
+    assert r["data"]["official_test_option"] is None
     rows = {row["mode"]: row for row in r["rows"]}
     assert list(rows) == ["base alone", "hard", "soft", "top-2", "oracle"]
     for row in rows.values():
@@ -99,3 +104,11 @@ def test_routing_fidelity_quick(tmp_path):
     assert all(a["mean_pi_max"] >= b["mean_pi_max"] - 1e-6 for a, b in zip(sweep, sweep[1:]))
     assert all(0.0 <= e["mean_H_domain"] <= math.log(4) + 1e-6 for e in sweep)
 
+
+
+def test_routing_fidelity_refuses_a_missing_data_dir(tmp_path):
+    script = _load("routing_fidelity")
+    with pytest.raises(LocalistLoadError, match="ag_news/test.csv"):
+        script.main(["--quick", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(LocalistLoadError, match="--test_csv"):
+        script.main(["--quick", "--out_dir", str(tmp_path), "--test_csv", str(tmp_path / "missing.csv")])
