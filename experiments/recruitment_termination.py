@@ -150,7 +150,8 @@ def run_k(k: int, s: dict, seed: int, theta_block: float | None = None, theta_H:
     rc["patience"] = patience
     cfg = hl.LocalistConfig(alpha=1.0, first_local_layer=1, max_blocks=max_blocks or s["max_blocks"],
                             block_assignment="centroid", assign_threshold=0.3, active_blocks=[],
-                            unassigned_visible=s.get("unassigned_visible", True))
+                            unassigned_visible=s.get("unassigned_visible", True),
+                            assign_horizon=s.get("assign_horizon", 1.0), assign_min_run=s.get("assign_min_run", 1))
     handle = hl.apply_localist(model, cfg)
     from hf_localist.theory import p_max as p_max_bound
 
@@ -434,6 +435,10 @@ def main(argv=None) -> dict:
     parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
     parser.add_argument("--hide_unassigned", action="store_true", help="LocalistConfig(unassigned_visible=False): "
                         "block queries do not see unassigned (block 0) tokens")
+    parser.add_argument("--assign_horizon", type=float, default=1.0, help="LocalistConfig.assign_horizon: assign "
+                        "by a running mean of the states over about this many positions (1: per token)")
+    parser.add_argument("--assign_min_run", type=int, default=1, help="LocalistConfig.assign_min_run: a block "
+                        "switch needs this many positions in a row")
     parser.add_argument("--ks", type=int, nargs="+", default=None, help="only these K (default: the setting's list)")
     args = parser.parse_args(argv)
     _common.setup(args)
@@ -441,7 +446,8 @@ def main(argv=None) -> dict:
 
     hf_logging.set_verbosity_error()
     directory = _common.out_dir(args, NAME)
-    s = dict(QUICK if args.quick else FULL, unassigned_visible=not args.hide_unassigned)
+    s = dict(QUICK if args.quick else FULL, unassigned_visible=not args.hide_unassigned,
+             assign_horizon=args.assign_horizon, assign_min_run=args.assign_min_run)
     if args.ks:
         s["ks"] = args.ks
     wall = time.perf_counter()

@@ -2,9 +2,11 @@
 
 The run is the recruitment part of ``hf-localist demo`` (:func:`hf_localist.demo.recruit.run_recruitment`) on
 the user's text: sequences of 2-4 rows, one after the other without anchors, a tiny Llama trained from scratch on
-them (word-level tokenizer built from the text, content-blind attention) with a recruitment pass every ``--every``
-steps. Rows are split into training and held-out text (per label when ``--label_column`` is given); every number in
-the report is measured on the held-out rows. Writes ``results.json`` and ``report.md`` to ``--output_dir``.
+them (word-level tokenizer built from the text; a normal model: learnable Q and K) with a recruitment pass every
+``--every`` steps; tokens join blocks from context (running mean, minimum run) and blocks do not see unassigned
+tokens, unless the flags say otherwise. Rows are split into training and held-out text (per label when
+``--label_column`` is given); every number in the report is measured on the held-out rows. Writes
+``results.json`` and ``report.md`` to ``--output_dir``.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ def recruit_csv(data: str, text_column: str, label_column: str | None, settings:
         "heldout_nll_without_blocks": run["heldout_nll_blocks_disabled"],
         "heldout_tokens": run["heldout_tokens"], "coverage": run["coverage"],
         "timeline": run["timeline"], "decisions": run["decisions"], "passes": run["passes"],
+        "proposals": run["proposals_by_pass"],
         "stop_reason": run["stop_reason"], "settings": asdict(settings),
         "recruitment_config": run["recruitment_config"], "model_parameters": run["model_parameters"],
         "final_train_loss": run["final_train_loss"], "seed": seed, "time_s": run["time_s"],
@@ -242,7 +245,9 @@ class RecruitCommand(Command):
     without any marker, a tiny Llama is trained from scratch on them (or --model is fine-tuned with LoRA) in centroid
     mode with no block, and recruitment passes add the blocks whose held-out gain pays their code length. Writes
     results.json (blocks with their held-out tokens, top tokens and, with --label_column, purity and majority label;
-    held-out NLL with and without the blocks; the timeline) and report.md to --output_dir."""
+    held-out NLL with and without the blocks; the timeline) and report.md to --output_dir. Unless the flags say
+    otherwise, tokens are assigned from context (--assign_horizon 8 --assign_min_run 4) and recruited blocks do not
+    see unassigned tokens (--unassigned_visible false); the LocalistConfig defaults shown below are per-token."""
 
     name = "recruit"
     help = "recruit blocks on the text of a CSV file and report them"
@@ -286,11 +291,12 @@ class RecruitCommand(Command):
         check_output_dir(a.output_dir)
         every = a.every or max(1, a.steps // 3)
         try:
-            # chunk_tokens=0: the rows of a sequence one after the other (the demo interleaves its articles)
+            # Rows one after the other (chunk_tokens=0; the demo interleaves its articles), assigned from context
+            # (assign_horizon 8, assign_min_run 4: experiments/recruitment_real_text.py); the flags override them.
             settings = replace(RecruitSettings(), steps=a.steps, every=every, budget_steps=a.budget_steps,
-                               chunk_tokens=0,
                                max_blocks=a.max_blocks, max_clusters=a.max_clusters, theta_block=a.theta_block,
-                               **{k: v for k, v in localist_overrides(a).items() if k in CONFIG_FLAGS})
+                               **{"chunk_tokens": 0, "assign_horizon": 8.0, "assign_min_run": 4,
+                                  **{k: v for k, v in localist_overrides(a).items() if k in CONFIG_FLAGS}})
             if not settings.theta_block >= 0:
                 raise LocalistConfigError(f"--theta_block {a.theta_block} must be a number >= 0")
             if not (math.isfinite(a.lr) and a.lr > 0):

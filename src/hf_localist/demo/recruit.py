@@ -7,11 +7,12 @@ a recruitment pass (Algorithm 1, :func:`hf_localist.recruitment.recruit.run_pass
 clusters the states of confused tokens, proposes blocks, trains the model with and without them for the same budget and
 keeps the blocks whose held-out gain pays their code length (``dL_total <= -theta_block``).
 
-The model is *content-blind* by default (``freeze_qk=True``): its Q and K projections are zero and frozen, so every
-query attends uniformly to everything before it. Such a model cannot focus on the current article by itself; a
-block (its query sees only its own block, block 0 and the sink) is the only way to do it. With learnable Q/K a tiny
-model learns to focus by content within a few hundred steps, and then a block gains too little within a short
-budget to pay its code length (docs/recruitment.md).
+The model is a normal one by default: learnable Q and K, trained with AdamW. Tokens join blocks from context
+(``assign_horizon``: a running mean of the assigning layer's states; ``assign_min_run``: a block switch needs a run
+of positions) and recruited blocks do not see unassigned tokens (``unassigned_visible=False``), so one block is a
+restriction. ``freeze_qk=True`` gives the older content-blind model (Q and K zero and frozen: every query attends
+uniformly, so only a block can focus it), on which blocks pay more easily but follow word classes, not topics
+(docs/recruitment.md).
 
 Afterwards the held-out articles are run once more and every token's block is read off: each recruited block is
 reported with its *top tokens* and its *purity* against the AG News topic labels.
@@ -55,7 +56,8 @@ class RecruitSettings:
     max_article_tokens: int = 48
     chunk_tokens: int = 8  # 0: articles one after the other; > 0: interleaved in runs of this many words
     heldout_train_fraction: float = 0.25  # training articles held out (with the test split) to score proposals
-    freeze_qk: bool = True  # content-blind attention (Q = K = 0, frozen): only blocks can localise
+    freeze_qk: bool = False  # True: content-blind attention (Q = K = 0, frozen): only blocks can localise
+    alpha: float = 1.0  # the dial while recruiting and training (1: a block's queries see only their block)
     first_local_layer: int = 1  # l0: the layer whose Q input assigns tokens to blocks (and the first localised one)
     max_blocks: int = 6
     assign_threshold: float = 0.0  # low: the blocks take almost every token, little is left in block 0
@@ -70,9 +72,9 @@ class RecruitSettings:
     diagnostic_batches: int = 4
     max_tokens: int = 2048
     patience: int = 2  # passes in a row that accept nothing before recruitment stops (the model is still learning)
-    assign_horizon: float = 1.0  # LocalistConfig.assign_horizon (assignment from context; 1 = per token)
-    assign_min_run: int = 1  # LocalistConfig.assign_min_run (continuity of assignment)
-    unassigned_visible: bool = True  # LocalistConfig.unassigned_visible (False: blocks do not see block-0 tokens)
+    assign_horizon: float = 4.0  # LocalistConfig.assign_horizon (assignment from context; 1 = per token)
+    assign_min_run: int = 2  # LocalistConfig.assign_min_run (continuity of assignment)
+    unassigned_visible: bool = False  # LocalistConfig.unassigned_visible (False: blocks do not see block-0 tokens)
     source_batches: int = 48  # fixed training batches the passes sample diagnostics and replay from
     top_tokens: int = 8
     min_token_count: int = 3  # a word needs this many held-out occurrences in a block to be a top token
@@ -146,7 +148,7 @@ class PlainSampler:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_blind_model(vocab: int, s: RecruitSettings, bos_id: int, pad_id: int, seed: int):
+def build_model(vocab: int, s: RecruitSettings, bos_id: int, pad_id: int, seed: int):
     """A tiny Llama; with ``freeze_qk`` its Q and K projections are zero and frozen (uniform causal attention)."""
     config = LlamaConfig(vocab_size=vocab, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
                          num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads,
@@ -278,7 +280,7 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
 
     ``vocab_size``: rows of the model's embedding table (default ``len(tokenizer)``; the demo passes the size
     before the anchor tokens were added, since this model never sees them). ``model``: a causal LM to use instead
-    of the tiny blind Llama (a pretrained model, e.g. with LoRA adapters: only its trainable parameters train);
+    of the tiny Llama (a pretrained model, e.g. with LoRA adapters: only its trainable parameters train);
     ``bos_id`` / ``pad_id``: the sequence start and padding ids (default the tokenizer's).
     """
     start = time.perf_counter()
@@ -292,13 +294,13 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
     test_enc = [(t, x[: s.max_article_tokens]) for t, x in test_enc] + [train_enc[i] for i in order[:cut]]
     train_enc = [train_enc[i] for i in sorted(order[cut:])]
     if model is None:
-        model = build_blind_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
+        model = build_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
     rcfg = RecruitmentConfig(
         every=s.every, epsilon=s.epsilon, theta_block=s.theta_block, min_cluster_tokens=s.min_cluster_tokens,
         max_clusters=s.max_clusters, budget_steps=s.budget_steps, budget_lr=s.budget_lr,
         replay_fraction=s.replay_fraction, diagnostic_batches=s.diagnostic_batches, max_tokens=s.max_tokens,
         patience=s.patience, seed=seed, code_length="bic")
-    config = LocalistConfig(alpha=1.0, block_assignment="centroid", active_blocks=[], max_blocks=s.max_blocks,
+    config = LocalistConfig(alpha=s.alpha, block_assignment="centroid", active_blocks=[], max_blocks=s.max_blocks,
                             first_local_layer=s.first_local_layer, assign_threshold=s.assign_threshold,
                             assign_horizon=s.assign_horizon, assign_min_run=s.assign_min_run,
                             unassigned_visible=s.unassigned_visible, backend="dense", recruitment=rcfg)

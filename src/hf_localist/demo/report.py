@@ -177,11 +177,14 @@ def _purity_note(rec: dict) -> str:
     if not props:
         return ""
     mean = sum(b["purity"] for b in props) / len(props)
-    return (f"The proposals' mean purity against the topic labels is {mean:.2f} (chance: about 0.25): the states at "
-            "the input of the assigning layer of a content-blind model are mostly the token's own embedding plus an "
-            "average over everything before it, so the confused tokens cluster by their role in the sentence "
-            "(function words and punctuation against names and content words), not by topic; the top tokens below "
-            "show it.")
+    text = f"The proposals' mean purity against the topic labels is {mean:.2f} (chance: about 0.25)"
+    if rec["settings"]["freeze_qk"]:
+        return text + (": the states at the input of the assigning layer of a content-blind model are mostly the "
+                       "token's own embedding plus an average over everything before it, so the confused tokens "
+                       "cluster by their role in the sentence (function words and punctuation against names and "
+                       "content words), not by topic; the top tokens below show it. ")
+    return text + (": a model this small carries little topic in its assigning layer, even as a running mean over "
+                   "the text so far (docs/recruitment.md measures the ceiling with a pretrained model). ")
 
 
 def _no_block_explanation(rec: dict) -> str:
@@ -213,6 +216,21 @@ def _no_block_explanation(rec: dict) -> str:
     return text
 
 
+def _assignment_note(s: dict) -> str:
+    """How tokens join blocks beyond the nearest centroid: context, continuity, the rest group."""
+    parts = []
+    if s.get("assign_horizon", 1.0) > 1:
+        parts.append(f"the compared state is a causal running mean over about {s['assign_horizon']:g} positions "
+                     "(`assign_horizon`), so a token joins a block by what the text so far is about")
+    if s.get("assign_min_run", 1) > 1:
+        parts.append(f"a token's block changes only after {s['assign_min_run']} positions in a row point to the same "
+                     "new block (`assign_min_run`)")
+    if not s.get("unassigned_visible", True):
+        parts.append("the queries of a recruited block do not see block-0 tokens (`unassigned_visible=False`), so one "
+                     "block is already a restriction")
+    return ("Assignment from context: " + "; ".join(parts) + ". ") if parts else ""
+
+
 def _recruit_section(rec: dict, titles: Sequence[str]) -> list[str]:
     s, r = rec["settings"], rec["recruitment_config"]
     layout = (f"interleaved like a news ticker: each article is cut into runs of {s['chunk_tokens']} words and the "
@@ -227,10 +245,12 @@ def _recruit_section(rec: dict, titles: Sequence[str]) -> list[str]:
         f"**Setup.** A second tiny Llama ({s['num_layers']} layers, hidden {s['hidden_size']}, "
         f"{rec['model_parameters']:,} parameters, {rec['trainable_parameters']:,} trainable) reads sequences of 2-4 "
         f"articles of different topics with **no anchor tokens**, {layout}. The model is {qk}. It runs with "
-        f"`block_assignment='centroid'`, `active_blocks=[]`, `max_blocks={s['max_blocks']}`, the dial at 1 and "
+        f"`block_assignment='centroid'`, `active_blocks=[]`, `max_blocks={s['max_blocks']}`, the dial at "
+        f"{s.get('alpha', 1.0):g} and "
         f"`first_local_layer={s['first_local_layer']}`: a token joins the block whose centroid is nearest (cosine ≥ "
         f"`assign_threshold={s['assign_threshold']}`) to its state at the input of layer {s['first_local_layer']}'s "
-        "Q projection, else stays in the general block 0. At step 0 there is no block. It trains for "
+        "Q projection, else stays in the general block 0. " + _assignment_note(s) + "At step 0 there is no block. "
+        "It trains for "
         f"{s['steps']} steps of {s['batch_size']} sequences; every {s['every']} steps a recruitment pass "
         "(`hf_localist.recruitment.recruit.run_pass`, Algorithm 1) runs: confused tokens (`H_t > ln max(|A|, 1) + ε`, "
         f"ε = {r['epsilon']}) are clustered (k-means on unit vectors, k ≤ {r['max_clusters']} by silhouette), "
@@ -258,11 +278,10 @@ def _recruit_section(rec: dict, titles: Sequence[str]) -> list[str]:
             f"{rec['heldout_nll']:.4f} nats/token with the blocks, {rec['heldout_nll_blocks_disabled']:.4f} with the "
             f"same weights and the blocks disabled. The blocks take {rec['coverage']:.0%} of the held-out tokens; the "
             "rest stay in block 0. Token-weighted purity over the blocks: "
-            f"{_f(rec['weighted_purity'], '.2f')} (chance, always guessing one topic: about 0.25). After an "
-            "accepting pass the model keeps the weights of the arm that trained with the blocks (the budget's steps "
-            "on the clusters' sequences and replay), so its held-out NLL can differ from the NLL before the pass: "
-            "the test compares that arm with the arm trained without the blocks on the same batches, not with the "
-            "model before the pass. " + _purity_note(rec),
+            f"{_f(rec['weighted_purity'], '.2f')} (chance, always guessing one topic: about 0.25). An accepting "
+            "pass keeps the weights of the arm that trained with the blocks, or the weights from before the pass if "
+            "those score better with the blocks, and accepts nothing if both are worse than the model before the "
+            "pass. " + _purity_note(rec),
         ]
     else:
         out.append(_no_block_explanation(rec))
