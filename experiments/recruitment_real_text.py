@@ -19,6 +19,8 @@ Arms (``--arms``, default every tiny-model arm):
 * ``normal_token``: the same Llama with learnable Q/K (a normal model), assignment per token;
 * ``normal_context``: normal, assignment from context (``assign_horizon=8``, ``assign_min_run=4``) and recruited
   blocks that do not see unassigned tokens (``unassigned_visible=False``);
+* ``normal_context_soft``: as ``normal_context`` with the dial at 0.5 while training and recruiting (other blocks'
+  keys get a ``log(1 - 0.5)`` bias instead of being masked);
 * ``normal_context_ticker``: as ``normal_context`` on the news-ticker layout, with ``assign_horizon=4``,
   ``assign_min_run=2`` (runs of 8 words);
 * ``smollm2_lora_context`` (needs ``--model``): SmolLM2-135M with peft LoRA adapters, assigning and localising from
@@ -53,6 +55,7 @@ ARMS = {
     "blind_token": dict(TINY, freeze_qk=True),
     "normal_token": dict(TINY),
     "normal_context": dict(TINY, assign_horizon=8.0, assign_min_run=4, unassigned_visible=False),
+    "normal_context_soft": dict(TINY, assign_horizon=8.0, assign_min_run=4, unassigned_visible=False, alpha=0.5),
     "normal_context_ticker": dict(TINY, chunk_tokens=8, assign_horizon=4.0, assign_min_run=2,
                                   unassigned_visible=False),
     "smollm2_lora_context": dict(steps=40, every=20, batch_size=8, lr=1e-3, budget_lr=1e-3, budget_steps=15,
