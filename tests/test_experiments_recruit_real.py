@@ -85,3 +85,23 @@ def test_termination_k2_recruits_two_blocks_from_context(tmp_path):
     assert run["final_blocks"] == 2 and run["clusters_covered"] == 2
     assert min(run["purity"]) > 0.9
     assert run["heldout_nll_final"] < run["heldout_nll_before_recruitment"]
+
+
+@pytest.mark.slow
+def test_locality_pretrained_quick(tmp_path, smollm2):
+    """experiments/locality_pretrained.py on SmolLM2 (4 steps per arm): the per-head measurement reproduces the
+    recorder, and the prox arm's groups are exactly zero where the step says so."""
+    with open(data_path(), newline="", encoding="utf-8") as fh:
+        sample = list(csv.DictReader(fh))
+    (tmp_path / "data" / "ag_news").mkdir(parents=True)
+    with open(tmp_path / "data" / "ag_news" / "test.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([(TOPICS.index(r["topic"]) + 1, r["text"][:40], r["text"][40:]) for r in sample])
+    results = _load("locality_pretrained").main(["--quick", "--model", smollm2, "--data_dir", str(tmp_path / "data"),
+                                                 "--out_dir", str(tmp_path / "out")])
+    none, prox = results["runs"]
+    assert none["multiplier"] is None and "zero_fraction" not in none and prox["multiplier"] == 1.0
+    for run in (none, prox):
+        assert run["recorder_gap"] < 1e-5 and math.isfinite(run["loss"])
+        assert all(0.0 <= v <= 1.0 for v in run["mean"].values())
+    assert 0.0 <= prox["zero_fraction"] <= 1.0 and prox["penalised_groups"] > 0
+    assert len(none["layers"]) == 30  # every layer of SmolLM2 measured
