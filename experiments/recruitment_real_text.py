@@ -170,7 +170,7 @@ def reading(runs: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = _common.make_parser(NAME, __doc__.split("\n\n")[0])
+    parser = _common.make_parser(NAME, __doc__.split("\n\n")[0], render=True)
     parser.add_argument("--data_dir", default=None, help="the shared data folder (ag_news/train_sample_5k.csv); "
                         "default: the bundled sample")
     parser.add_argument("--rows", type=int, default=2000, help="AG News rows to use (default 2000)")
@@ -178,6 +178,12 @@ def main(argv=None) -> dict:
                         "tiny-model arm)")
     parser.add_argument("--model", default=None, help="SmolLM2-135M directory for the smollm2 arm")
     args = parser.parse_args(argv)
+    if args.render:  # the docs section from the results.json in --out_dir (e.g. runs of several commands merged)
+        import json
+
+        results = json.loads((_common.out_dir(args, NAME) / "results.json").read_text())
+        _common.publish(NAME, markdown(results), [])
+        return results
     arms = args.arms or TINY_ARMS
     if any(a.startswith("smollm2") for a in arms) and not args.model:
         from hf_localist.errors import LocalistConfigError

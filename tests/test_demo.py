@@ -143,6 +143,9 @@ def test_recruitment_section_is_consistent(tiny_demo):
     assert rec["passes"] == len(rec["timeline"]) == 2  # every STEPS steps, 2 * STEPS steps
     assert [t["step"] for t in rec["timeline"]] == [STEPS, 2 * STEPS]
     assert rec["settings"]["max_blocks"] >= 4 and rec["timeline"][0]["blocks_before"] == 0
+    # a normal model (issue: the demo recruits on learnable Q/K), assigning from context, the rest group hidden
+    assert rec["settings"]["freeze_qk"] is False and rec["trainable_parameters"] == rec["model_parameters"]
+    assert rec["settings"]["assign_horizon"] > 1 and rec["settings"]["unassigned_visible"] is False
     for t in rec["timeline"]:
         assert t["blocks_after"] - t["blocks_before"] == t["accepted"]
         assert math.isfinite(t["heldout_nll_before"]) and math.isfinite(t["heldout_nll_after"])
