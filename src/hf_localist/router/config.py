@@ -17,7 +17,6 @@ A specialist entry is a dict ``{"path", "kind", "source", "recruitment"}``:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from ..config.fields import (
 )
 from ..config.recruitment import RecruitmentConfig
 from ..errors import LocalistConfigError, LocalistLoadError
+from ..utils import read_json_object
 
 ROUTING_MODES = ("hard", "soft", "top_k")
 KINDS = ("full", "adapter")
@@ -278,14 +278,11 @@ def _check_no_escaping_links(directory: str, root: str, what: str) -> None:
 
 
 def read_json(path: str, what: str) -> dict:
+    """The JSON object of ``path`` (``utils.read_json_object``), the error naming ``what`` it belongs to."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError, RecursionError) as e:
-        raise LocalistLoadError(f"{what}: {path!r} is missing or corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise LocalistLoadError(f"{what}: {path!r} is not a JSON object")
-    return data
+        return read_json_object(path, "re-save it with save_pretrained")
+    except LocalistLoadError as e:
+        raise LocalistLoadError(f"{what}: {e}") from None
 
 
 def locate(path: str, filename: str, what: str, required: bool = True) -> str | None:
