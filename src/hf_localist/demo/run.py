@@ -12,9 +12,10 @@ output directory):
    ``alpha = 1`` (hard block mask, ``segment`` backend) and one at ``alpha = 0`` (the plain model); then the dial
    of each is swept over held-out sequences (perplexity, attention entropy ``H_t``, pointer fidelity ``PF_t``,
    block mass ``BM_t``), and the attention mass between blocks is measured at a few dial values.
-2. **Recruiting blocks from none** (:mod:`hf_localist.demo.recruit`): a content-blind model reads the articles
-   without anchors, in centroid mode with no active block, and recruitment passes (Algorithm 1) add blocks that pay
-   their code length; each block is reported with its top tokens and its purity against the topic labels.
+2. **Recruiting blocks from none** (:mod:`hf_localist.demo.recruit`): a normal model (learnable Q/K) reads the
+   articles without anchors, in centroid mode with no active block and assignment from context, and recruitment
+   passes (Algorithm 1) add blocks that pay their code length; each proposal and block is reported with its top
+   tokens and its purity against the topic labels.
 3. **Routing between specialists** (:mod:`hf_localist.demo.route`): per-topic fine-tunes of the part-1 plain
    model behind a ``LocalistRouterModel``; hard, soft, top-2 and oracle routing, routing accuracy and confusion.
 
