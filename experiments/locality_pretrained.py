@@ -90,6 +90,40 @@ def load_model(path: str):
     return model
 
 
+def discriminative_subspaces(handle, batches: list[dict], rank: int):
+    """(L, n_blocks, E, r): per layer and block, the top-``rank`` eigenvectors of ``M_i - mean_j M_j`` (``M_i`` the
+    second moment of block i's layer inputs, unit-normalised), each block's basis made orthogonal to the earlier
+    blocks' (``complement_basis``): the directions in which block i's inputs hold more energy than the average
+    block's, unlike PCA of each block's inputs, whose top directions all blocks share."""
+    import torch
+
+    from hf_localist.training.subspaces import LayerInputs, complement_basis
+
+    was_training = handle.base.training
+    handle.base.eval()
+    try:
+        with LayerInputs(handle) as rec, torch.no_grad():
+            for batch in batches:
+                handle.model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        handle.base.train(was_training)
+    active = handle.config.active_block_list()
+    out = []
+    for layer in range(len(handle.attention_modules)):
+        x, blocks = rec.by_block(layer)
+        x = torch.nn.functional.normalize(x.double(), dim=-1)  # (N, E)
+        moments = [x[blocks == b].T @ x[blocks == b] / max(int((blocks == b).sum()), 1) for b in active]  # (E, E)
+        mean = sum(moments) / len(moments)
+        taken, bases = None, []
+        for m in moments:
+            _, vecs = torch.linalg.eigh(m - mean)  # ascending eigenvalues
+            u = complement_basis(vecs[:, -rank:].flip(-1), taken)
+            bases.append(u)
+            taken = u if taken is None else torch.cat([taken, u], dim=1)
+        out.append(torch.stack(bases).float())
+    return torch.stack(out)
+
+
 def main(argv=None) -> dict:
     parser = C.make_parser(NAME, __doc__.split("\n\n")[0], render=True)
     parser.add_argument("--model", required=True, help="SmolLM2-135M directory (hf_localist.fetch_checkpoint)")
@@ -98,6 +132,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--multipliers", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--subspace", choices=("pca", "discriminative"), default="pca",
+                        help="pca: calibrate_subspaces (top principal directions of each block's inputs); "
+                        "discriminative: the directions where a block's inputs have more energy than the average "
+                        "block's (top eigenvectors of M_i - mean_j M_j, M = E[x x^T] per block), orthogonalised")
     parser.add_argument("--rank", type=int, default=None, help="subspace rank per block (default hidden // 5: the "
                         "4 blocks and the general features share the hidden size equally)")
     args = parser.parse_args(argv)
@@ -136,7 +174,9 @@ def main(argv=None) -> dict:
     wall = time.perf_counter()
 
     handle = LA.localist(load_model(args.model), "pca", None, rank=rank)
-    subspaces = calibrate_subspaces(handle, calib)
+    subspaces = (calibrate_subspaces(handle, calib) if args.subspace == "pca"
+                 else discriminative_subspaces(handle, calib, rank))
+    handle.state.subspaces = subspaces.clone()  # what estimate_constants reads (calibrate_subspaces stores it too)
     threshold = estimate_constants(handle, calib).threshold()
     runs = []
     for m in [None, *args.multipliers]:
@@ -150,7 +190,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         LocalistTrainer(model=model, args=targs, train_dataset=LA._Rows(train),
                         data_collator=lambda rows: collate(rows, pad)).train()
-        run = {"multiplier": m, "rank": rank, "train_s": time.perf_counter() - t0}
+        run = {"multiplier": m, "rank": rank, "subspace": args.subspace, "train_s": time.perf_counter() - t0}
         run.update(LA.measure(model, handle, eval_batches))
         run.update(LA.group_stats(handle, m is not None))
         layers = run["layers"].values()
@@ -169,27 +209,29 @@ def main(argv=None) -> dict:
 
 
 def markdown(res: dict) -> str:
-    ranks = sorted({r.get("rank", res["rank"]) for r in res["runs"]})
+    kinds = sorted({f"`{r.get('subspace', 'pca')}` of rank {r.get('rank', res['rank'])}" for r in res["runs"]})
     lines = [
         "## Does the penalty localise a pretrained model? (`experiments/locality_pretrained.py`)",
         "",
         f"Command: `python experiments/{NAME}.py --model SMOLLM2_DIR --data_dir DATA [--rank R] --write_docs` (seed "
         f"{res['seed']}; {res['steps']} steps of {res['batch']} sequences, lr {res['lr']:g}; {res['wall_time_s']:.0f} "
         "s wall). SmolLM2-135M with only its Q/K projections trainable, the Trainer's default AdamW, "
-        f"`subspace='pca'` of rank {' and '.join(map(str, ranks))} per block, 4 topic blocks (explicit ids, one per "
+        f"subspaces {', '.join(kinds)} per block, 4 topic blocks (explicit ids, one per "
         f"article), dial 0 in training and measurement; {res['eval_sequences']} held-out sequences. Means over the 30 "
         "layers; *owning heads* are the heads whose block is the query's.",
         "",
-        "| rank | lambda / threshold | zero groups | held-out loss | BM all heads | BM owning heads | BM other heads | "
-        "PF all | PF owning | BM of uniform attention | own-subspace energy | energy per other block's subspace |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| subspace | rank | lambda / threshold | zero groups | held-out loss | BM all heads | BM owning heads | "
+        "BM other heads | PF all | PF owning | BM of uniform attention | own-subspace energy | "
+        "energy per other block's subspace |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["runs"]:
         m = r["mean"]
         z = r.get("zero_fraction")
         label = "none" if r["multiplier"] is None else format(r["multiplier"], "g")
         zeros = "–" if z is None else f"{z:.2f}"
-        lines.append(f"| {r.get('rank', res['rank'])} | {label} | {zeros} | {r['loss']:.3f} | "
+        lines.append(f"| {r.get('subspace', 'pca')} | {r.get('rank', res['rank'])} | {label} | {zeros} | "
+                     f"{r['loss']:.3f} | "
                      f"{m['bm_all']:.3f} | {m['bm_own']:.3f} | {m['bm_other']:.3f} | {m['pf_all']:.3f} | "
                      f"{m['pf_own']:.3f} | {m['bm_uniform']:.3f} | {m['own_subspace_energy']:.3f} | "
                      f"{_other_energy(r):.3f} |")
@@ -205,28 +247,29 @@ def _other_energy(run: dict) -> float:
 
 
 def reading(res: dict) -> str:
-    """What the table says, from its own numbers: none against the largest multiplier, per rank."""
+    """What the table says, from its own numbers: none against the largest multiplier, per subspace and rank."""
     parts = []
-    for rank in sorted({r.get("rank", res["rank"]) for r in res["runs"]}):
-        runs = [r for r in res["runs"] if r.get("rank", res["rank"]) == rank]
+    for kind, rank in sorted({(r.get("subspace", "pca"), r.get("rank", res["rank"])) for r in res["runs"]}):
+        runs = [r for r in res["runs"] if (r.get("subspace", "pca"), r.get("rank", res["rank"])) == (kind, rank)]
         base = next((r for r in runs if r["multiplier"] is None), None)
         pen = [r for r in runs if r["multiplier"] is not None]
         if base is None or not pen:
             continue
         top = max(pen, key=lambda r: r["multiplier"])
         low = min(pen, key=lambda r: r["multiplier"])
+        own, other = base["mean"]["own_subspace_energy"], _other_energy(base)
+        rose = top["mean"]["bm_own"] > base["mean"]["bm_own"] + 0.01
         parts.append(
-            f"rank {rank}: from lambda = {low['multiplier']:g} x threshold {low.get('zero_fraction', 0):.0%} of the "
-            f"penalised groups are exactly zero; owning heads' BM {base['mean']['bm_own']:.3f} -> "
-            f"{top['mean']['bm_own']:.3f}, other heads {base['mean']['bm_other']:.3f} -> "
-            f"{top['mean']['bm_other']:.3f} (uniform attention: {base['mean']['bm_uniform']:.3f}), held-out loss "
-            f"{base['loss']:.3f} -> {top['loss']:.3f}; a block holds {base['mean']['own_subspace_energy']:.3f} of its "
-            f"layer-input energy in its own subspace and {_other_energy(base):.3f} in each other block's")
-    return ("**Reading.** " + "; ".join(parts) + ". The penalty zeroes the groups but attention moves toward "
-            "uniform in owning and other heads alike. The subspaces do not separate the blocks: a block's inputs have "
-            "as much energy in another block's subspace as in their own (the PCA directions of a block's inputs are "
-            "the directions every block shares), so the zero groups take features every head needs, not features "
-            "that tell the blocks apart.") if parts else ""
+            f"{kind}, rank {rank}: at lambda = {low['multiplier']:g} x threshold "
+            f"{low.get('zero_fraction', 0):.0%} of the penalised groups are exactly zero; owning heads' BM "
+            f"{base['mean']['bm_own']:.3f} -> {top['mean']['bm_own']:.3f} ({'up' if rose else 'not up'}), other "
+            f"heads {base['mean']['bm_other']:.3f} -> {top['mean']['bm_other']:.3f} (uniform attention: "
+            f"{base['mean']['bm_uniform']:.3f}), held-out loss {base['loss']:.3f} -> {top['loss']:.3f}; a block holds "
+            f"{own:.3f} of its layer-input energy in its own subspace and {other:.3f} in each other block's "
+            f"({'the subspaces separate the blocks' if own > 1.2 * other else 'no separation'})")
+    return ("**Reading.** " + "; ".join(parts) + ". Where a block's inputs hold as much energy in another block's "
+            "subspace as in their own, the zero groups take features every head needs, not features that tell the "
+            "blocks apart.") if parts else ""
 
 
 if __name__ == "__main__":
