@@ -69,6 +69,11 @@ def test_recruit_on_a_small_csv_with_labels(tmp_path, capsys):
     _check_results(res, labelled=True)
     assert res["data"]["labels"] == ["business", "scitech", "sports", "world"]
     assert res["data"]["rows"] == 60 and len(res["timeline"]) == 2  # a pass at steps 2 and 4
+    # the defaults: a normal model, rows one after the other, assignment from context, the rest group hidden
+    st = res["settings"]
+    assert st["freeze_qk"] is False and st["chunk_tokens"] == 0
+    assert (st["assign_horizon"], st["assign_min_run"], st["unassigned_visible"]) == (8.0, 4, False)
+    assert isinstance(res["proposals"], list) and len(res["proposals"]) == len(res["timeline"])
     report = (out / "report.md").read_text()
     assert "# Recruited blocks" in report and "Held-out NLL" in report and "## Timeline" in report
     assert "held-out NLL" in stdout
