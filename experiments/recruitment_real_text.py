@@ -24,8 +24,11 @@ Arms (``--arms``, default every tiny-model arm):
 * ``normal_context_ticker``: as ``normal_context`` on the news-ticker layout, with ``assign_horizon=4``,
   ``assign_min_run=2`` (runs of 8 words);
 * ``smollm2_lora_context`` (needs ``--model``): SmolLM2-135M with peft LoRA adapters, assigning and localising from
-  layer 25 (of 30; the layer whose running-mean states cluster best by topic in a probe), ``assign_horizon=8``,
-  ``assign_min_run=4``, ``unassigned_visible=False``.
+  layer 25 (of 30; among the last layers, whose running-mean states cluster best by topic), ``assign_horizon=8``,
+  ``assign_min_run=4``, ``unassigned_visible=False``;
+* ``smollm2_lora_topics`` (needs ``--model``): as ``smollm2_lora_context`` from layer 26 (the best layer of
+  ``experiments/topic_features.py``) with k-means always splitting (``min_silhouette=0``, k <= 4), so that
+  topic-like clusters are proposed and scored even when their silhouette is low.
 
 Data: ``--data_dir`` is the shared data folder (``ag_news/train_sample_5k.csv``: ``text,label`` without header,
 labels 0-3 = World, Sports, Business, Sci/Tech); ``--rows`` of it are used. Without ``--data_dir`` the bundled
@@ -62,6 +65,10 @@ ARMS = {
                                  freeze_qk=False, chunk_tokens=0, max_blocks=4, max_clusters=4,
                                  first_local_layer=25, assign_horizon=8.0, assign_min_run=4,
                                  unassigned_visible=False, source_batches=16, heldout_train_fraction=0.1),
+    "smollm2_lora_topics": dict(steps=40, every=20, batch_size=8, lr=1e-3, budget_lr=1e-3, budget_steps=15,
+                                freeze_qk=False, chunk_tokens=0, max_blocks=4, max_clusters=4, min_silhouette=0.0,
+                                first_local_layer=26, assign_horizon=8.0, assign_min_run=4,
+                                unassigned_visible=False, source_batches=16, heldout_train_fraction=0.1),
 }
 TINY_ARMS = [a for a in ARMS if not a.startswith("smollm2")]
 QUICK = dict(steps=40, every=20, budget_steps=4, diagnostic_batches=2, source_batches=6, min_cluster_tokens=16)
@@ -188,7 +195,7 @@ def main(argv=None) -> dict:
     if any(a.startswith("smollm2") for a in arms) and not args.model:
         from hf_localist.errors import LocalistConfigError
 
-        raise LocalistConfigError("--arms smollm2_lora_context needs --model SMOLLM2_DIR (a directory written by "
+        raise LocalistConfigError("the smollm2 arms need --model SMOLLM2_DIR (a directory written by "
                                   "hf_localist.fetch_checkpoint('smollm2-135m', DIR))")
     _common.setup(args)
     from transformers.utils import logging as hf_logging

@@ -65,6 +65,7 @@ class RecruitSettings:
     epsilon: float = 0.2
     theta_block: float = 20.0
     min_cluster_tokens: int = 64
+    min_silhouette: float = 0.1  # RecruitmentConfig.min_silhouette: below it all confused tokens form one cluster
     max_clusters: int = 2  # k <= 2: two large blocks that split the tokens between them (see the report)
     budget_steps: int = 40
     budget_lr: float = 3e-3
@@ -297,7 +298,8 @@ def run_recruitment(tokenizer, train_enc, test_enc, s: RecruitSettings, seed: in
         model = build_model(vocab_size or len(tokenizer), s, bos_id, pad_id, seed)
     rcfg = RecruitmentConfig(
         every=s.every, epsilon=s.epsilon, theta_block=s.theta_block, min_cluster_tokens=s.min_cluster_tokens,
-        max_clusters=s.max_clusters, budget_steps=s.budget_steps, budget_lr=s.budget_lr,
+        max_clusters=s.max_clusters, min_silhouette=s.min_silhouette, budget_steps=s.budget_steps,
+        budget_lr=s.budget_lr,
         replay_fraction=s.replay_fraction, diagnostic_batches=s.diagnostic_batches, max_tokens=s.max_tokens,
         patience=s.patience, seed=seed, code_length="bic")
     config = LocalistConfig(alpha=s.alpha, block_assignment="centroid", active_blocks=[], max_blocks=s.max_blocks,
