@@ -156,8 +156,9 @@ def markdown(results: dict) -> str:
         props = "; ".join(
             f"s{p['step']}: {_f(p['purity'], '.2f')} → {p['reason'] or '–'}" for p in r["proposals"]) or "none"
         dls = ", ".join(f"{d['dL_data']:+.0f}" for d in r["decisions"] if d.get("dL_data") is not None)
+        rows = f" ({r['rows']} rows)" if r.get("rows") not in (None, results["rows"]) else ""
         lines.append(
-            f"| {r['arm']} | {r['passes']} | {props} (dL_data: {dls or '–'}) | {len(r['blocks'])} | "
+            f"| {r['arm']}{rows} | {r['passes']} | {props} (dL_data: {dls or '–'}) | {len(r['blocks'])} | "
             f"{_f(r['mean_purity'], '.2f')} | {_f(r['nll_with'], '.4f')} / {_f(r['nll_without'], '.4f')} | "
             f"{r['seconds']:.0f} s |")
     lines += ["", results["reading"]]
