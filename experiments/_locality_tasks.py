@@ -63,6 +63,20 @@ def copy_model(seed: int, embeddings: str):
 
 
 # ---------------------------------------------------------------------------------------------- AG News
+def collate_blocks(rows, pad: int) -> dict:
+    """(ids, block ids) pairs -> a right-padded batch with ``block_ids`` and labels (-100 on padding)."""
+    import torch
+
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), n), pad)
+    blocks = torch.zeros(len(rows), n, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, (x, b) in enumerate(rows):
+        ids[i, :len(x)], blocks[i, :len(b)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(b), 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "block_ids": blocks, "labels": labels}
+
+
 class AgNews:
     """The bundled AG News sample as multi-document sequences: [BOS] ([SEP] article)+, block = topic + 1."""
 
@@ -110,16 +124,7 @@ class AgNews:
         return out
 
     def collate(self, rows) -> dict:
-        import torch
-
-        n = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), n), self.pad)
-        blocks = torch.zeros(len(rows), n, dtype=torch.long)
-        mask = torch.zeros(len(rows), n, dtype=torch.long)
-        for i, (x, b) in enumerate(rows):
-            ids[i, :len(x)], blocks[i, :len(b)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(b), 1
-        labels = ids.masked_fill(mask == 0, -100)
-        return {"input_ids": ids, "attention_mask": mask, "block_ids": blocks, "labels": labels}
+        return collate_blocks(rows, self.pad)
 
     def model(self, seed: int, embeddings: str):
         import torch

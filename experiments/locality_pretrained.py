@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 import locality_adamw as LA  # noqa: E402
+from _locality_tasks import collate_blocks as collate  # noqa: E402
 
 NAME = "locality_pretrained"
 NB = 4
@@ -66,20 +67,6 @@ def sequences(articles, n: int, sink: int, seed: int) -> list[tuple[list[int], l
     return out
 
 
-def collate(rows, pad: int) -> dict:
-    import torch
-
-    n = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), n), pad)
-    blocks = torch.zeros(len(rows), n, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, (x, b) in enumerate(rows):
-        ids[i, :len(x)], blocks[i, :len(b)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(b), 1
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, 0] = -100  # the sink is not a prediction target
-    return {"input_ids": ids, "attention_mask": mask, "block_ids": blocks, "labels": labels}
-
-
 def load_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -97,14 +84,14 @@ def discriminative_subspaces(handle, batches: list[dict], rank: int):
     block's, unlike PCA of each block's inputs, whose top directions all blocks share."""
     import torch
 
-    from hf_localist.training.subspaces import LayerInputs, complement_basis
+    from hf_localist.training.subspaces import LayerInputs, complement_basis, run_batches
 
     was_training = handle.base.training
     handle.base.eval()
     try:
-        with LayerInputs(handle) as rec, torch.no_grad():
-            for batch in batches:
-                handle.model(**{k: v for k, v in batch.items() if k != "labels"})
+        with LayerInputs(handle) as rec:
+            for _batch, _out, _call in run_batches(handle, batches):
+                pass
     finally:
         handle.base.train(was_training)
     active = handle.config.active_block_list()
@@ -146,7 +133,7 @@ def main(argv=None) -> dict:
         C.publish(NAME, markdown(results), [])
         return results
     C.setup(args)
-    from transformers import AutoTokenizer, TrainingArguments
+    from transformers import AutoConfig, AutoTokenizer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from hf_localist import LocalistTrainer
@@ -168,7 +155,7 @@ def main(argv=None) -> dict:
     held = sequences(held_articles, n_eval, sink, args.seed + 2)
     eval_batches = [collate(held[i: i + 8], pad) for i in range(0, n_eval, 8)]
     calib = [collate(train[i * args.batch:(i + 1) * args.batch], pad) for i in range(4)]
-    hidden = load_model(args.model).config.hidden_size
+    hidden = AutoConfig.from_pretrained(args.model).hidden_size
     rank = args.rank or hidden // (NB + 1)
     directory = C.out_dir(args, NAME)
     wall = time.perf_counter()

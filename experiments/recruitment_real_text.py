@@ -150,9 +150,6 @@ def markdown(results: dict) -> str:
         "| --- | ---: | --- | ---: | ---: | --- | ---: |",
     ]
     for r in results["runs"]:
-        by_slot = {}
-        for d in r["decisions"]:
-            by_slot.setdefault(d["step"], []).append(d)
         props = "; ".join(
             f"s{p['step']}: {_f(p['purity'], '.2f')} → {p['reason'] or '–'}" for p in r["proposals"]) or "none"
         dls = ", ".join(f"{d['dL_data']:+.0f}" for d in r["decisions"] if d.get("dL_data") is not None)
