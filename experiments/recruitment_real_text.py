@@ -137,7 +137,8 @@ def markdown(results: dict) -> str:
         "",
         f"Command: `python experiments/{NAME}.py --data_dir DATA --write_docs` ({data}; seed {results['seed']}; "
         f"{results['wall_time_s']:.0f} s wall on {env['torch_threads']} torch thread(s) of a shared "
-        f"{env['cpu_count']}-core CPU machine). The SmolLM2 row: `--arms smollm2_lora_context --model SMOLLM2_DIR` "
+        f"{env['cpu_count']}-core CPU machine). The SmolLM2 rows: `--arms smollm2_lora_context --model SMOLLM2_DIR` "
+        "and `--rows 1200 --arms smollm2_lora_topics --model SMOLLM2_DIR` "
         "(`hf_localist.fetch_checkpoint('smollm2-135m', SMOLLM2_DIR)`).",
         "",
         "Each arm is the `hf-localist recruit` pipeline (module docstring of the script: arms, layouts, settings). "
