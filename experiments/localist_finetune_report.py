@@ -62,7 +62,7 @@ def table_md(res: dict) -> str:
         seeds = r.get("ppl_seeds")
         spread = f" ({', '.join(f'{p:.2f}' for p in seeds)})" if seeds and len(seeds) > 1 else ""
         lines.append(f"| {r['model']} | {r['evaluated']} | {r['perplexity']:.2f}{spread} | **{fmt(r['ratio'])}** | "
-                     " | ".join(fmt(r[k]) for k in ("bm_local_mean", "bm_min", "bm_last", "pf_all_mean", "pf_last"))
+                     + " | ".join(fmt(r[k]) for k in ("bm_local_mean", "bm_min", "bm_last", "pf_all_mean", "pf_last"))
                      + " |")
     alone = res["pretrained"]["alone"]["all"]
     ref = res["reference_perplexity"]

@@ -89,6 +89,10 @@ def test_quick_run(script, data_dir, smollm2, tmp_path, capsys):
     assert (tmp_path / res["figures"][0]).read_bytes()[:8] == PNG_MAGIC
     printed = capsys.readouterr().out
     assert "× dense fine-tune" in printed
+    # Every row of the main table has the header's columns (a missing "+" once glued all rows into one cell).
+    head = next(line for line in printed.splitlines() if "× dense fine-tune" in line)
+    table = printed[printed.index(head):].split("\n\n")[0].splitlines()
+    assert len(table) >= 5 and all(line.startswith("| ") and line.count("|") == head.count("|") for line in table)
 
     pre = res["pretrained"]
     # Dial 1 with restarted positions computes what reading each passage alone computes.
