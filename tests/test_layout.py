@@ -171,3 +171,27 @@ def test_the_design_contract_lives_in_the_repository():
             if needle in text:
                 outside.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not outside, "\n".join(outside)
+
+
+def _table_rows_off(text: str) -> list[tuple[int, str]]:
+    """Lines of markdown tables whose cell count differs from their header's: (line number, line)."""
+    lines, bad, i = text.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith(("| ---", "| :--", "|---")):
+            width = lines[i].replace("\\|", "").count("|")
+            i += 1
+            while i < len(lines) and "|" in lines[i]:  # a row glued to a stray cell may not start with "|"
+                if not lines[i].startswith("|") or lines[i].replace("\\|", "").count("|") != width:
+                    bad.append((i + 1, lines[i]))
+                i += 1
+        else:
+            i += 1
+    return bad
+
+
+def test_docs_tables_are_well_formed():
+    """Every row of every markdown table in the docs has its header's columns (the experiments write these tables)."""
+    assert _table_rows_off("| a | b |\n| --- | --- |\n| 1 | 2 |\n| 1 | 2 | 3 |\n") == [(4, "| 1 | 2 | 3 |")]
+    bad = [f"{p.relative_to(ROOT)}:{n}: {line[:80]}" for p in list(ROOT.glob("docs/**/*.md")) + [ROOT / "README.md"]
+           for n, line in _table_rows_off(p.read_text(encoding="utf-8"))]
+    assert not bad, "\n".join(bad)
