@@ -28,7 +28,11 @@ Arms (``--arms``, default every tiny-model arm):
   ``assign_min_run=4``, ``unassigned_visible=False``;
 * ``smollm2_lora_topics`` (needs ``--model``): as ``smollm2_lora_context`` from layer 26 (the best layer of
   ``experiments/topic_features.py``) with k-means always splitting (``min_silhouette=0``, k <= 4), so that
-  topic-like clusters are proposed and scored even when their silhouette is low.
+  topic-like clusters are proposed and scored even when their silhouette is low;
+* ``smollm2_lora_topics_soft``: as ``smollm2_lora_topics`` with the dial at 0.5 (a block is a ``log(1 - 0.5)`` bias
+  on the other blocks' keys, not a mask);
+* ``smollm2_lora_ticker``: as ``smollm2_lora_topics`` on the news-ticker layout (runs of 8 words), with
+  ``assign_horizon=4``, ``assign_min_run=2``.
 
 Data: ``--data_dir`` is the shared data folder (``ag_news/train_sample_5k.csv``: ``text,label`` without header,
 labels 0-3 = World, Sports, Business, Sci/Tech); ``--rows`` of it are used. Without ``--data_dir`` the bundled
@@ -70,6 +74,8 @@ ARMS = {
                                 first_local_layer=26, assign_horizon=8.0, assign_min_run=4,
                                 unassigned_visible=False, source_batches=16, heldout_train_fraction=0.1),
 }
+ARMS["smollm2_lora_topics_soft"] = dict(ARMS["smollm2_lora_topics"], alpha=0.5)
+ARMS["smollm2_lora_ticker"] = dict(ARMS["smollm2_lora_topics"], chunk_tokens=8, assign_horizon=4.0, assign_min_run=2)
 TINY_ARMS = [a for a in ARMS if not a.startswith("smollm2")]
 QUICK = dict(steps=40, every=20, budget_steps=4, diagnostic_batches=2, source_batches=6, min_cluster_tokens=16)
 
@@ -138,8 +144,9 @@ def markdown(results: dict) -> str:
         f"Command: `python experiments/{NAME}.py --data_dir DATA --write_docs` ({data}; seed {results['seed']}; "
         f"{results['wall_time_s']:.0f} s wall on {env['torch_threads']} torch thread(s) of a shared "
         f"{env['cpu_count']}-core CPU machine). The SmolLM2 rows: `--arms smollm2_lora_context --model SMOLLM2_DIR` "
-        "and `--rows 1200 --arms smollm2_lora_topics --model SMOLLM2_DIR` "
-        "(`hf_localist.fetch_checkpoint('smollm2-135m', SMOLLM2_DIR)`).",
+        "and `--rows 1200 --arms smollm2_lora_topics smollm2_lora_topics_soft smollm2_lora_ticker --model "
+        "SMOLLM2_DIR` (the last two side by side on the 2 cores; `hf_localist.fetch_checkpoint('smollm2-135m', "
+        "SMOLLM2_DIR)`).",
         "",
         "Each arm is the `hf-localist recruit` pipeline (module docstring of the script: arms, layouts, settings). "
         "*Proposal purity* is the topic purity of the held-out tokens a proposed block would take (chance: the "
