@@ -244,8 +244,12 @@ def lasso_line(run: dict, ratio: float | None, uniform: dict | None) -> str:
     than = f" (uniform without penalty: {uniform['ratio']:.3f}x)" if uniform else ""
     bm0 = (f"; at dial 0 its block mass is {run['evals']['dial 0']['bm_all_mean']:.3f} (uniform without penalty: "
            f"{uniform['bm0']:.3f})" if uniform else "")
+    calib = ("" if run.get("calibration") == "shared_first" else
+             " (subspaces from the calibration before `shared_first`, i.e. `calibrate_subspaces(..., "
+             "shared_first=False)`; the command now calibrates with shared directions kept general)")
     return (f"`penalty_lambda={run['penalty_lambda']:g}`: the penalty went from {start:.4g} to {end:.4g} "
-            f"({100 * (end - start) / start:+.2f}%){norms}; held-out {fmt(ratio)}x the dense fine-tune{than}{bm0}")
+            f"({100 * (end - start) / start:+.2f}%){norms}; held-out {fmt(ratio)}x the dense fine-tune{than}{bm0}"
+            f"{calib}")
 
 
 def markdown(res: dict) -> str:

@@ -14,7 +14,8 @@ model's layer inputs carry what the text is about (``experiments/topic_features.
 * multi-document AG News (``ag_news/test.csv`` of ``--data_dir``): sequences of the sink token and 2-4 articles of
   distinct topics, each cut at 40 tokens; block = the article's topic (explicit block ids), 4 blocks, every head
   owning a block (``general_head_fraction=0``);
-* ``subspace='pca'`` (``calibrate_subspaces`` on the untrained model, rank ``hidden // 5``), ``lambda = m *
+* ``subspace='pca'`` (``calibrate_subspaces`` on the untrained model, rank ``hidden // 5``; ``--subspace
+  pca_block_order`` its earlier behaviour, ``shared_first=False``), ``lambda = m *
   lambda_threshold`` (``estimate_constants``, ``lambda_mode='threshold'``), ``penalty='prox'``; *none* = the same
   training without penalty;
 * measured on held-out sequences at dial 0 (``locality_adamw.measure``): own-block mass ``BM`` and pointer fidelity
@@ -119,8 +120,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--multipliers", type=float, nargs="+", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--subspace", choices=("pca", "discriminative"), default="pca",
-                        help="pca: calibrate_subspaces (top principal directions of each block's inputs); "
+    parser.add_argument("--subspace", choices=("pca", "pca_block_order", "discriminative"), default="pca",
+                        help="pca: calibrate_subspaces (shared directions general, each block's specific ones); "
+                        "pca_block_order: calibrate_subspaces(shared_first=False), each block's top principal "
+                        "directions orthogonalised in block order (the library's earlier calibration); "
                         "discriminative: the directions where a block's inputs have more energy than the average "
                         "block's (top eigenvectors of M_i - mean_j M_j, M = E[x x^T] per block), orthogonalised")
     parser.add_argument("--rank", type=int, default=None, help="subspace rank per block (default hidden // 5: the "
@@ -161,8 +164,8 @@ def main(argv=None) -> dict:
     wall = time.perf_counter()
 
     handle = LA.localist(load_model(args.model), "pca", None, rank=rank)
-    subspaces = (calibrate_subspaces(handle, calib) if args.subspace == "pca"
-                 else discriminative_subspaces(handle, calib, rank))
+    subspaces = (discriminative_subspaces(handle, calib, rank) if args.subspace == "discriminative"
+                 else calibrate_subspaces(handle, calib, shared_first=args.subspace == "pca"))
     handle.state.subspaces = subspaces.clone()  # what estimate_constants reads (calibrate_subspaces stores it too)
     threshold = estimate_constants(handle, calib).threshold()
     runs = []
@@ -200,17 +203,22 @@ def markdown(res: dict) -> str:
     lines = [
         "## Does the penalty localise a pretrained model? (`experiments/locality_pretrained.py`)",
         "",
-        f"Command: `python experiments/{NAME}.py --model SMOLLM2_DIR --data_dir DATA [--rank R] --write_docs` (seed "
-        f"{res['seed']}; {res['steps']} steps of {res['batch']} sequences, lr {res['lr']:g}; {res['wall_time_s']:.0f} "
-        "s wall). SmolLM2-135M with only its Q/K projections trainable, the Trainer's default AdamW, "
+        f"Command: `python experiments/{NAME}.py --model SMOLLM2_DIR --data_dir DATA [--rank R] [--subspace "
+        "pca_block_order|discriminative] [--multipliers M ...] --write_docs`, one command per (subspace, rank), "
+        f"merged (seed {res['seed']}; {res['steps']} steps of {res['batch']} sequences, lr {res['lr']:g}; "
+        f"{res['wall_time_s']:.0f} s of training in all). SmolLM2-135M with only its Q/K projections trainable, the "
+        "Trainer's default AdamW, "
         f"subspaces {', '.join(kinds)} per block, 4 topic blocks (explicit ids, one per "
         f"article), dial 0 in training and measurement; {res['eval_sequences']} held-out sequences. Means over the 30 "
-        "layers; *owning heads* are the heads whose block is the query's.",
+        "layers; *owning heads* are the heads whose block is the query's. `pca` is `calibrate_subspaces` (shared "
+        "directions general, each block's specific directions), `pca_block_order` the same with "
+        "`shared_first=False` (each block's top principal directions, orthogonalised in block order: the "
+        "library's calibration before `shared_first`); the per-block energies are in block order (block 1 first).",
         "",
         "| subspace | rank | lambda / threshold | zero groups | held-out loss | BM all heads | BM owning heads | "
         "BM other heads | PF all | PF owning | BM of uniform attention | own-subspace energy | "
-        "energy per other block's subspace |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "energy per other block's subspace | own-subspace energy per block |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["runs"]:
         m = r["mean"]
@@ -221,9 +229,17 @@ def markdown(res: dict) -> str:
                      f"{r['loss']:.3f} | "
                      f"{m['bm_all']:.3f} | {m['bm_own']:.3f} | {m['bm_other']:.3f} | {m['pf_all']:.3f} | "
                      f"{m['pf_own']:.3f} | {m['bm_uniform']:.3f} | {m['own_subspace_energy']:.3f} | "
-                     f"{_other_energy(r):.3f} |")
+                     f"{_other_energy(r):.3f} | {_energy_by_block(r)} |")
     lines += ["", reading(res)]
     return "\n".join(lines)
+
+
+def _energy_by_block(run: dict) -> str:
+    """Mean over layers of each block's own-subspace energy, blocks in order ("–" for runs without it)."""
+    per = [x["own_subspace_energy_by_block"] for x in run["layers"].values() if "own_subspace_energy_by_block" in x]
+    if not per or any(len(p) != len(per[0]) for p in per):
+        return "–"
+    return " / ".join(f"{sum(p[j] for p in per) / len(per):.2f}" for j in range(len(per[0])))
 
 
 def _other_energy(run: dict) -> float:

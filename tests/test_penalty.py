@@ -220,7 +220,38 @@ def test_prox_step_pca_subspaces():
     n_zero, n_shrunk, _ = _check_prox(handle, model, bases, 1.0, lr=1.4, atol=2e-6)
     assert n_zero >= 1 and n_shrunk >= 1
     norms = group_norms(handle)
-    assert float(norms.q[1][handle.state.last_prox.zero_q[1]].detach().max()) < 1e-6
+    last = handle.state.last_prox
+    zeroed = [float(got[layer][zero[layer]].detach().max()) for got, zero in ((norms.q, last.zero_q),
+              (norms.k, last.zero_k)) for layer in (0, 1) if bool(zero[layer].any())]
+    assert zeroed and max(zeroed) < 1e-6  # the groups the step reports as zero are exactly zero
+
+
+@pytest.mark.parametrize("shared_first", [True, False])
+def test_pca_subspaces_leave_shared_directions_general(shared_first):
+    """Layer-0 inputs built from RANK directions every block varies along (D, variance 25 each) and one per block
+    (e_b, variance 4): with ``shared_first`` no block subspace holds any of D and each holds its own e_b; without it
+    the first block's subspace takes D (its top directions, orthogonalised first), which the penalty would then take
+    from every head that does not own block 1."""
+    model, handle = _llama(penalty_lambda=1.0, subspace="pca")
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(HIDDEN, RANK + 3, generator=g))
+    shared, e = basis[:, :RANK], basis[:, RANK:]  # (E, r), (E, 3): orthonormal
+    vocab = model.get_input_embeddings().weight
+    block_of = torch.arange(vocab.shape[0]) % 3  # token t belongs to block 1 + t % 3
+    with torch.no_grad():
+        z, w = torch.randn(vocab.shape[0], RANK, generator=g), torch.randn(vocab.shape[0], generator=g)
+        noise = 0.05 * torch.randn(vocab.shape, generator=g)
+        vocab.copy_(5 * z @ shared.T + 2 * w[:, None] * e[:, block_of].T + noise)  # (V, E)
+    ids = random_ids(16, 16, seed=1)
+    bases = calibrate_subspaces(handle, [{"input_ids": ids, "block_ids": 1 + block_of[ids]}], shared_first=shared_first)
+    layer0 = bases[0]  # (3, E, r)
+    held = [float(torch.linalg.matrix_norm(u.T @ shared) ** 2) for u in layer0]  # how many of the D each holds
+    if shared_first:
+        assert max(held) < 0.1
+        for j in range(3):
+            assert float(torch.linalg.norm(layer0[j].T @ e[:, j])) > 0.9
+    else:
+        assert held[0] > RANK / 2
 
 
 def test_prox_step_zero_lr_is_identity_and_bad_lr():

@@ -4,8 +4,9 @@
   blocks, by key/value group so that heads sharing a K head share a block), a fraction stays general (0).
 - :func:`coordinate_subspaces`: fixed coordinate groups (models trained from scratch): with rank ``r``, general
   features are coordinates ``[0, r)`` and the j-th active block owns ``[(j+1) r, (j+2) r)``.
-- :func:`calibrate_subspaces`: for pretrained models, the top-``r`` principal directions of each block's hidden
-  states at the layer input (the input of the Q/K projections), orthogonalised across blocks.
+- :func:`calibrate_subspaces`: for pretrained models, from each block's hidden states at the layer input (the input
+  of the Q/K projections): the directions in which a block's inputs hold more energy than the other blocks', outside
+  the ``r`` directions all blocks share (which stay general), orthogonalised across blocks.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ def coordinate_subspaces(hidden: int, n_active: int, rank: int | None = None) ->
     return torch.stack([eye[:, (j + 1) * r: (j + 2) * r] for j in range(n_active)])
 
 
-def orthogonalise(bases: list[torch.Tensor], tol: float = 1e-4) -> torch.Tensor:
-    """Make the subspaces mutually orthogonal: each basis loses its components in the earlier ones.
+def orthogonalise(bases: list[torch.Tensor], tol: float = 1e-4, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Make the subspaces mutually orthogonal: each basis loses its components in the earlier ones (and in
+    ``start`` (E, m), an orthonormal basis of directions no subspace may hold).
 
     The rest is re-orthonormalised through its left singular vectors (same span as a QR of it). Directions that
     (nearly) vanish because the basis overlapped the earlier subspaces (singular value below ``tol``; few tokens,
@@ -71,7 +73,8 @@ def orthogonalise(bases: list[torch.Tensor], tol: float = 1e-4) -> torch.Tensor:
     """
     out: list[torch.Tensor] = []
     for u in bases:
-        taken = torch.cat(out, dim=1) if out else None
+        parts = ([] if start is None else [start.to(u.dtype)]) + out
+        taken = torch.cat(parts, dim=1) if parts else None
         out.append(complement_basis(u, taken, tol))
     return torch.stack(out)
 
@@ -151,9 +154,18 @@ def run_batches(handle, loader: Iterable, max_batches: int | None = None, with_g
         yield batch, out, calls[-1]
 
 
-def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None,
-                        max_batches: int | None = None) -> torch.Tensor:
-    """Top-``r`` principal directions of each active block's layer inputs, orthogonalised; stored on the handle.
+def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_batches: int | None = None,
+                        shared_first: bool = True) -> torch.Tensor:
+    """Per layer, an orthonormal rank-``r`` subspace per active block from the layer inputs; stored on the handle.
+
+    ``shared_first`` (default): the ``r`` directions every block's inputs hold most energy along
+    (:func:`shared_directions`: a pretrained model's outlier dimensions, the common mean, token identity) are
+    *general*: no block subspace holds them, so the penalty never takes them from a head (as coordinates ``[0, r)``
+    for ``subspace='coordinate'``). Each block's subspace is then the directions in which its inputs hold more
+    energy than the other blocks' (:func:`specific_subspaces`). ``False``: each block's top principal directions
+    (of its inputs centred on its own mean), orthogonalised in block order, as calibration did before this option
+    existed: the first active block's subspace then takes what every block varies along and the penalty removes
+    those features from every head that does not own that block.
 
     Returns (L, n_active, E, r). Raises :class:`LocalistError` when the data hold no token of an active block.
     """
@@ -170,24 +182,69 @@ def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None,
     per_layer = []
     for layer in range(len(handle.attention_modules)):
         x, blocks = rec.by_block(layer)
+        x = x.double()  # float64: the projections and re-orthogonalisation keep U_i^T U_j = 0 to 1e-6 in float32
         r = default_rank(x.shape[1], len(active), rank if rank is not None else cfg.subspace_rank)
-        bases = []
+        rows = []
         for b in active:
-            xb = x[blocks == b]
+            xb = x[blocks == b]  # (N_b, E)
             if xb.shape[0] == 0:
                 raise LocalistError(
                     f"calibration data hold no token of block {b} (layer {layer}): add examples of that block or "
                     f"remove it from LocalistConfig.active_blocks={active}"
                 )
-            xb = xb - xb.mean(dim=0, keepdim=True)
-            # Right singular vectors = principal directions of the centred inputs; pad if fewer tokens than r.
-            # full_matrices only when there are fewer tokens than r: it would build a (tokens x tokens) U otherwise.
-            _, _, vh = torch.linalg.svd(xb, full_matrices=xb.shape[0] < r)
-            bases.append(vh[:r].T.contiguous())  # (E, r)
-        per_layer.append(orthogonalise(bases))
+            rows.append(xb)
+        if shared_first and active:
+            per_layer.append(specific_subspaces([xb.T @ xb / xb.shape[0] for xb in rows], r).float())  # E[x x^T]
+        else:
+            per_layer.append(orthogonalise([_top_directions(xb - xb.mean(dim=0), r) for xb in rows]).float())
     subspaces = torch.stack(per_layer)
     handle.state.subspaces = subspaces
     return subspaces
+
+
+def shared_directions(moments: list[torch.Tensor], r: int) -> torch.Tensor:
+    """(E, r) orthonormal: the ``r`` directions along which *every* block's inputs hold the most energy.
+
+    ``moments`` are the blocks' second moments ``M_b = E[x x^T]`` (E, E). Candidates are the eigenvectors ``v`` of
+    ``M = mean_b M_b``; each is scored by the least energy any block has along it, ``min_b v^T M_b v``, and the
+    ``r`` best are kept. Ranking by ``M`` alone would also take a direction that only one block uses (energy ``s``
+    in one block of ``n`` is ``s / n`` in ``M``): that is the block's feature, not a shared one. When the blocks
+    share fewer than ``r`` directions, the rest are the best of the others by the same score.
+    """
+    pooled = sum(moments) / len(moments)  # (E, E)
+    _, vecs = torch.linalg.eigh(pooled)  # (E, E), eigenvectors as columns
+    least = torch.stack([(vecs * (m @ vecs)).sum(0) for m in moments]).min(dim=0).values  # (E,) min_b v^T M_b v
+    return vecs[:, least.argsort(descending=True)[:r]].contiguous()
+
+
+def specific_subspaces(moments: list[torch.Tensor], r: int) -> torch.Tensor:
+    """(n, E, r): per block, the directions outside the shared ones along which it holds more energy than the others.
+
+    With ``G`` the shared directions (:func:`shared_directions`) and ``P = I - G G^T``, block ``b``'s basis is the
+    top ``r`` eigenvectors of ``P (M_b - mean_{j != b} M_j) P - c G G^T`` (``c`` = the trace of ``sum_b M_b``, which
+    ranks G last): its own features first (positive eigenvalues; a block's mean offset from the others is one), then
+    directions no block prefers (about 0), other blocks' features last (negative). A block with fewer than ``r``
+    features of its own fills its rank with neutral directions, not with another block's. The bases are then made
+    mutually orthogonal and orthogonal to G (:func:`orthogonalise`).
+    """
+    shared = shared_directions(moments, r)  # (E, r)
+    proj = torch.eye(shared.shape[0], dtype=shared.dtype) - shared @ shared.T  # (E, E)
+    last = float(torch.trace(sum(moments))) * (shared @ shared.T)  # (E, E)
+    bases = []
+    for b, m in enumerate(moments):
+        others = [o for j, o in enumerate(moments) if j != b]
+        contrast = m - sum(others) / len(others) if others else m
+        _, vecs = torch.linalg.eigh(proj @ contrast @ proj - last)  # ascending eigenvalues
+        bases.append(vecs[:, -r:].flip(-1))  # (E, r), largest first
+    return orthogonalise(bases, start=shared)
+
+
+def _top_directions(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(N, E) rows -> (E, r): the top-``r`` right singular vectors (principal directions of centred rows)."""
+    # full_matrices only when there are fewer rows than r (the basis is then padded from the complement later); it
+    # would build a (rows x rows) U otherwise.
+    _, _, vh = torch.linalg.svd(x, full_matrices=x.shape[0] < r)
+    return vh[:r].T.contiguous()
 
 
 def layer_subspaces(handle) -> torch.Tensor:
