@@ -28,7 +28,7 @@ import hf_localist as hl
 from hf_localist.attention.recorder import DiagnosticsRecorder
 from hf_localist.errors import LocalistConfigError
 from hf_localist.patch.slots import set_block_enabled
-from hf_localist.recruitment.ops import code_length, count_params
+from hf_localist.recruitment.ops import code_length, count_params, pca_basis, specific_basis
 from hf_localist.recruitment.recruit import LOG_FILE, RecruitmentCallback, prepare, recruit
 from hf_localist.trainer import LocalistTrainer
 
@@ -262,6 +262,28 @@ def test_code_length_counts():
     assert count_params(32, 3, 2, "pca") == 32 + 2 * (32 * 3 - 6)
     assert code_length(32, 1000, "bic", 16) == pytest.approx(16 * math.log(1000))
     assert code_length(32, 1000, "fixed", 16) == pytest.approx(32 * 16 * math.log(2))
+
+
+def test_proposed_pca_subspace_skips_shared_directions():
+    """A cluster varying along 4 directions every confused token varies along (variance 25) and one of its own
+    (variance 4): its proposed subspace holds its own direction and none of the shared ones; the plain principal
+    directions of the cluster would be the shared ones."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(32, 5, generator=g))
+    shared, own = basis[:, :4], basis[:, 4]
+
+    def tokens(n, with_own):
+        x = 5 * torch.randn(n, 4, generator=g) @ shared.T + 0.05 * torch.randn(n, 32, generator=g)
+        return x + 2 * torch.randn(n, 1, generator=g) * own if with_own else x
+
+    inside, outside = tokens(300, True), tokens(300, False)
+    u = specific_basis(inside, outside, 4)
+    torch.testing.assert_close(u.T @ u, torch.eye(4), atol=1e-5, rtol=0)
+    assert float(torch.linalg.norm(u.T @ own)) > 0.95
+    assert float(torch.linalg.matrix_norm(u.T @ shared) ** 2) < 0.05
+    assert float(torch.linalg.matrix_norm(pca_basis(inside, 4).T @ shared) ** 2) > 3.5  # what it replaced
+    # One cluster of every confused token (nothing outside it): its principal directions.
+    torch.testing.assert_close(specific_basis(inside, outside[:1], 4), pca_basis(inside, 4))
 
 
 def test_pca_subspaces_are_orthonormal_and_orthogonal(trained4):

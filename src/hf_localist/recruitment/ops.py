@@ -22,6 +22,7 @@ from ..arch.qk import projection_module
 from ..blocks.centroid import context_features
 from ..blocks.ids import anchor_flags
 from ..errors import LocalistConfigError, LocalistError
+from ..training.subspaces import specific_subspaces
 
 #: Batch keys recruitment feeds to the model. Block ids are never passed: centroid assignment computes them.
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -310,6 +311,22 @@ def pca_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
     xc = x.double() - x.double().mean(dim=0, keepdim=True)
     _, _, vh = torch.linalg.svd(xc, full_matrices=xc.shape[0] < rank)
     return vh[:rank].T.float().contiguous()
+
+
+def specific_basis(inside: torch.Tensor, outside: torch.Tensor, rank: int) -> torch.Tensor:
+    """A proposed block's subspace at one layer: (n_in, E), (n_out, E) inputs -> (E, r).
+
+    The directions in which the cluster's inputs hold more energy than the other confused tokens', outside the
+    directions both share (``specific_subspaces``, as ``calibrate_subspaces`` does for the initial blocks), so that a
+    recruited block does not take what every token needs. Falls back to the cluster's top principal directions
+    (:func:`pca_basis`) when fewer than 2 other tokens exist (one cluster of every confused token) or the shared
+    directions and the two bases do not fit (``3 r > E``).
+    """
+    e = inside.shape[1]
+    if outside.shape[0] < 2 or 3 * rank > e:
+        return pca_basis(inside, rank)
+    moments = [x.double().T @ x.double() / x.shape[0] for x in (inside, outside)]  # (E, E) each
+    return specific_subspaces(moments, rank)[0].float().contiguous()
 
 
 def coordinate_group(hidden: int, rank: int, slot: int, taken: torch.Tensor | None) -> torch.Tensor | None:

@@ -56,12 +56,12 @@ from .ops import (
     collect_confused,
     coordinate_group,
     count_params,
-    pca_basis,
     restore_state,
     restore_weights,
     score_tokens,
     snapshot_state,
     snapshot_weights,
+    specific_basis,
     train_budget,
     write_log,
 )
@@ -169,7 +169,8 @@ def _propose(handle, rcfg: RecruitmentConfig, conf, labels: torch.Tensor, cluste
         bases = []
         for layer in range(n_layers):
             if cfg.subspace == "pca":
-                u = complement_basis(pca_basis(conf.layers[layer][members], rank), taken[layer])
+                x = conf.layers[layer]  # (n_confused, E)
+                u = complement_basis(specific_basis(x[members], x[~members], rank), taken[layer])
             else:
                 u = coordinate_group(hidden, rank, slot, taken[layer])
             if u is None:
