@@ -54,6 +54,25 @@ def load_articles(data_dir: Path, tok) -> list[tuple[int, list[int]]]:
     return [(t, tok(" " + text.strip())["input_ids"][:MAX_ARTICLE]) for t, text in rows]
 
 
+def load_sources(data_dir: Path, tok) -> list[tuple[int, list[int]]]:
+    """``--blocks source``: passages of 4 sources as (block - 1, ids): AG News World/Business, AG News
+    Sports/Sci-Tech, Tiny Shakespeare paragraphs, SST-2 dev reviews (3 sentences joined); at most MAX_ARTICLE
+    tokens, at least 20."""
+    need = [data_dir / "tinyshakespeare" / "input.txt", data_dir / "sst2" / "dev.tsv"]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        from hf_localist.errors import LocalistLoadError
+
+        raise LocalistLoadError(f"--data_dir {data_dir}: missing {missing}; pass the shared data folder")
+    out = [(0 if t in (0, 2) else 1, x) for t, x in load_articles(data_dir, tok)]
+    for text in need[0].read_text(encoding="utf-8").split("\n\n"):
+        out.append((2, tok(" " + text.strip())["input_ids"][:MAX_ARTICLE]))
+    reviews = [line.split("\t")[0] for line in need[1].read_text(encoding="utf-8").splitlines()[1:]]
+    for i in range(0, len(reviews) - 2, 3):
+        out.append((3, tok(" " + " ".join(reviews[i: i + 3]))["input_ids"][:MAX_ARTICLE]))
+    return [(b, x) for b, x in out if len(x) >= 20]
+
+
 def sequences(articles, n: int, sink: int, seed: int) -> list[tuple[list[int], list[int]]]:
     rng = random.Random(seed)
     by_topic = [[x for t, x in articles if t == k] for k in range(NB)]
@@ -126,6 +145,9 @@ def main(argv=None) -> dict:
                         "directions orthogonalised in block order (the library's earlier calibration); "
                         "discriminative: the directions where a block's inputs have more energy than the average "
                         "block's (top eigenvectors of M_i - mean_j M_j, M = E[x x^T] per block), orthogonalised")
+    parser.add_argument("--blocks", choices=("topic", "source"), default="topic",
+                        help="topic: 4 AG News topics; source: AG News World/Business, AG News Sports/Sci-Tech, "
+                        "Tiny Shakespeare, SST-2 reviews (tinyshakespeare/input.txt, sst2/dev.tsv of --data_dir)")
     parser.add_argument("--rank", type=int, default=None, help="subspace rank per block (default hidden // 5: the "
                         "4 blocks and the general features share the hidden size equally)")
     args = parser.parse_args(argv)
@@ -150,7 +172,7 @@ def main(argv=None) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     sink = sink_token_id(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else sink
-    articles = load_articles(Path(args.data_dir), tok)
+    articles = (load_sources if args.blocks == "source" else load_articles)(Path(args.data_dir), tok)
     random.Random(args.seed).shuffle(articles)
     held_articles, train_articles = articles[:400], articles[400:]
     train = sequences(train_articles, args.steps * args.batch, sink, args.seed + 1)
@@ -180,7 +202,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         LocalistTrainer(model=model, args=targs, train_dataset=LA._Rows(train),
                         data_collator=lambda rows: collate(rows, pad)).train()
-        run = {"multiplier": m, "rank": rank, "subspace": args.subspace, "train_s": time.perf_counter() - t0}
+        run = {"multiplier": m, "rank": rank, "subspace": args.subspace, "blocks": args.blocks,
+               "train_s": time.perf_counter() - t0}
         run.update(LA.measure(model, handle, eval_batches))
         run.update(LA.group_stats(handle, m is not None))
         layers = run["layers"].values()
@@ -204,28 +227,32 @@ def markdown(res: dict) -> str:
         "## Does the penalty localise a pretrained model? (`experiments/locality_pretrained.py`)",
         "",
         f"Command: `python experiments/{NAME}.py --model SMOLLM2_DIR --data_dir DATA [--rank R] [--subspace "
-        "pca_block_order|discriminative] [--multipliers M ...] --write_docs`, one command per (subspace, rank), "
+        "pca_block_order|discriminative] [--blocks source] [--multipliers M ...] --write_docs`, one command per "
+        "(blocks, subspace, rank), "
         f"merged (seed {res['seed']}; {res['steps']} steps of {res['batch']} sequences, lr {res['lr']:g}; "
         f"{res['wall_time_s']:.0f} s of training in all). SmolLM2-135M with only its Q/K projections trainable, the "
         "Trainer's default AdamW, "
-        f"subspaces {', '.join(kinds)} per block, 4 topic blocks (explicit ids, one per "
-        f"article), dial 0 in training and measurement; {res['eval_sequences']} held-out sequences. Means over the 30 "
+        f"subspaces {', '.join(kinds)} per block, 4 blocks with explicit ids, one per passage (*topic*: the 4 AG "
+        "News topics; *source*, `--blocks source`: AG News World/Business, AG News Sports/Sci-Tech, Tiny "
+        "Shakespeare, SST-2 reviews), dial 0 in training and measurement; "
+        f"{res['eval_sequences']} held-out sequences. Means over the 30 "
         "layers; *owning heads* are the heads whose block is the query's. `pca` is `calibrate_subspaces` (shared "
         "directions general, each block's specific directions), `pca_block_order` the same with "
         "`shared_first=False` (each block's top principal directions, orthogonalised in block order: the "
         "library's calibration before `shared_first`); the per-block energies are in block order (block 1 first).",
         "",
-        "| subspace | rank | lambda / threshold | zero groups | held-out loss | BM all heads | BM owning heads | "
-        "BM other heads | PF all | PF owning | BM of uniform attention | own-subspace energy | "
+        "| blocks | subspace | rank | lambda / threshold | zero groups | held-out loss | BM all heads | "
+        "BM owning heads | BM other heads | PF all | PF owning | BM of uniform attention | own-subspace energy | "
         "energy per other block's subspace | own-subspace energy per block |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["runs"]:
         m = r["mean"]
         z = r.get("zero_fraction")
         label = "none" if r["multiplier"] is None else format(r["multiplier"], "g")
         zeros = "–" if z is None else f"{z:.2f}"
-        lines.append(f"| {r.get('subspace', 'pca')} | {r.get('rank', res['rank'])} | {label} | {zeros} | "
+        lines.append(f"| {r.get('blocks', 'topic')} | {r.get('subspace', 'pca')} | {r.get('rank', res['rank'])} | "
+                     f"{label} | {zeros} | "
                      f"{r['loss']:.3f} | "
                      f"{m['bm_all']:.3f} | {m['bm_own']:.3f} | {m['bm_other']:.3f} | {m['pf_all']:.3f} | "
                      f"{m['pf_own']:.3f} | {m['bm_uniform']:.3f} | {m['own_subspace_energy']:.3f} | "
@@ -252,8 +279,11 @@ def _other_energy(run: dict) -> float:
 def reading(res: dict) -> str:
     """What the table says, from its own numbers: none against the largest multiplier, per subspace and rank."""
     parts = []
-    for kind, rank in sorted({(r.get("subspace", "pca"), r.get("rank", res["rank"])) for r in res["runs"]}):
-        runs = [r for r in res["runs"] if (r.get("subspace", "pca"), r.get("rank", res["rank"])) == (kind, rank)]
+    def key(r):
+        return r.get("blocks", "topic"), r.get("subspace", "pca"), r.get("rank", res["rank"])
+
+    for blocks, kind, rank in sorted({key(r) for r in res["runs"]}):
+        runs = [r for r in res["runs"] if key(r) == (blocks, kind, rank)]
         base = next((r for r in runs if r["multiplier"] is None), None)
         pen = [r for r in runs if r["multiplier"] is not None]
         if base is None or not pen:
@@ -263,7 +293,7 @@ def reading(res: dict) -> str:
         own, other = base["mean"]["own_subspace_energy"], _other_energy(base)
         rose = top["mean"]["bm_own"] > base["mean"]["bm_own"] + 0.01
         parts.append(
-            f"{kind}, rank {rank}: at lambda = {low['multiplier']:g} x threshold "
+            f"{blocks} blocks, {kind}, rank {rank}: at lambda = {low['multiplier']:g} x threshold "
             f"{low.get('zero_fraction', 0):.0%} of the penalised groups are exactly zero; owning heads' BM "
             f"{base['mean']['bm_own']:.3f} -> {top['mean']['bm_own']:.3f} ({'up' if rose else 'not up'}), other "
             f"heads {base['mean']['bm_other']:.3f} -> {top['mean']['bm_other']:.3f} (uniform attention: "

@@ -105,3 +105,30 @@ def test_locality_pretrained_quick(tmp_path, smollm2):
         assert all(0.0 <= v <= 1.0 for v in run["mean"].values())
     assert 0.0 <= prox["zero_fraction"] <= 1.0 and prox["penalised_groups"] > 0
     assert len(none["layers"]) == 30  # every layer of SmolLM2 measured
+
+
+def test_locality_pretrained_source_blocks(tmp_path, smollm2):
+    """``--blocks source``: passages of 4 sources (AG News split in two, Shakespeare, SST-2), each >= 20 tokens;
+    a data folder without the Shakespeare / SST-2 files is a clear error naming them."""
+    from transformers import AutoTokenizer
+
+    script = _load("locality_pretrained")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    root = tmp_path / "data"
+    (root / "ag_news").mkdir(parents=True)
+    with open(data_path(), newline="", encoding="utf-8") as fh:
+        sample = list(csv.DictReader(fh))
+    with open(root / "ag_news" / "test.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([(TOPICS.index(r["topic"]) + 1, r["text"][:40], r["text"][40:]) for r in sample])
+    with pytest.raises(LocalistLoadError, match="input.txt"):
+        script.load_sources(root, tok)
+    (root / "tinyshakespeare").mkdir()
+    (root / "sst2").mkdir()
+    verse = "First Citizen:\nBefore we proceed any further, hear me speak, for we are all resolved rather to die."
+    (root / "tinyshakespeare" / "input.txt").write_text("\n\n".join([verse] * 5 + ["Short."]), encoding="utf-8")
+    review = "a charming and often affecting journey through the streets of the old city"
+    (root / "sst2" / "dev.tsv").write_text("sentence\tlabel\n" + f"{review}\t1\n" * 9, encoding="utf-8")
+    passages = script.load_sources(root, tok)
+    counts = {b: sum(1 for k, _ in passages if k == b) for b in range(4)}
+    assert counts[2] == 5 and counts[3] == 3 and counts[0] + counts[1] > 0  # "Short." is under 20 tokens
+    assert all(20 <= len(x) <= script.MAX_ARTICLE for _, x in passages)
