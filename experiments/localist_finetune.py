@@ -240,7 +240,6 @@ def run_arm(arm: str, model_dir: str, tok, data: dict, s: Settings, seed: int) -
     info: dict = {"status": "trained", "fields": arm_fields(arm, s)}
     if lasso:
         info["calibration"] = "shared_first"  # calibrate_subspaces' default (runs without this key predate it)
-    if lasso:
         peft_model.train()
         start = penalty(handle)
         if not start.requires_grad:

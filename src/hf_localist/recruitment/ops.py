@@ -22,7 +22,7 @@ from ..arch.qk import projection_module
 from ..blocks.centroid import context_features
 from ..blocks.ids import anchor_flags
 from ..errors import LocalistConfigError, LocalistError
-from ..training.subspaces import specific_subspaces
+from ..training.subspaces import specific_subspaces, top_directions
 
 #: Batch keys recruitment feeds to the model. Block ids are never passed: centroid assignment computes them.
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
@@ -309,8 +309,7 @@ def count_params(hidden: int, rank: int, n_counted_layers: int, subspace: str) -
 def pca_basis(x: torch.Tensor, rank: int) -> torch.Tensor:
     """(n, E) -> (E, r) top-r principal directions of the centred rows (padded by svd when n < r)."""
     xc = x.double() - x.double().mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(xc, full_matrices=xc.shape[0] < rank)
-    return vh[:rank].T.float().contiguous()
+    return top_directions(xc, rank).float().contiguous()
 
 
 def specific_basis(inside: torch.Tensor, outside: torch.Tensor, rank: int) -> torch.Tensor:

@@ -196,7 +196,7 @@ def calibrate_subspaces(handle, loader: Iterable, rank: int | None = None, max_b
         if shared_first and active:
             per_layer.append(specific_subspaces([xb.T @ xb / xb.shape[0] for xb in rows], r).float())  # E[x x^T]
         else:
-            per_layer.append(orthogonalise([_top_directions(xb - xb.mean(dim=0), r) for xb in rows]).float())
+            per_layer.append(orthogonalise([top_directions(xb - xb.mean(dim=0), r) for xb in rows]).float())
     subspaces = torch.stack(per_layer)
     handle.state.subspaces = subspaces
     return subspaces
@@ -229,17 +229,17 @@ def specific_subspaces(moments: list[torch.Tensor], r: int) -> torch.Tensor:
     """
     shared = shared_directions(moments, r)  # (E, r)
     proj = torch.eye(shared.shape[0], dtype=shared.dtype) - shared @ shared.T  # (E, E)
-    last = float(torch.trace(sum(moments))) * (shared @ shared.T)  # (E, E)
+    total, n = sum(moments), len(moments)  # (E, E)
+    last = float(torch.trace(total)) * (shared @ shared.T)  # (E, E)
     bases = []
-    for b, m in enumerate(moments):
-        others = [o for j, o in enumerate(moments) if j != b]
-        contrast = m - sum(others) / len(others) if others else m
+    for m in moments:
+        contrast = m - (total - m) / (n - 1) if n > 1 else m  # M_b - mean_{j != b} M_j
         _, vecs = torch.linalg.eigh(proj @ contrast @ proj - last)  # ascending eigenvalues
         bases.append(vecs[:, -r:].flip(-1))  # (E, r), largest first
     return orthogonalise(bases, start=shared)
 
 
-def _top_directions(x: torch.Tensor, r: int) -> torch.Tensor:
+def top_directions(x: torch.Tensor, r: int) -> torch.Tensor:
     """(N, E) rows -> (E, r): the top-``r`` right singular vectors (principal directions of centred rows)."""
     # full_matrices only when there are fewer rows than r (the basis is then padded from the complement later); it
     # would build a (rows x rows) U otherwise.
